@@ -1,0 +1,68 @@
+"""Size figures of a model, read from shapes and dtypes without materialising any tensor."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from collections.abc import Iterator
+
+import onnx_ir as ir
+
+__all__ = ["ModelStats", "model_stats", "iter_graphs"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelStats:
+    """Node count (subgraphs included), op histogram, parameter count and parameter bytes."""
+
+    nodes: int
+    ops: dict[str, int]
+    parameters: int
+    parameter_bytes: int
+
+
+def iter_graphs(model: ir.Model) -> Iterator[ir.Graph]:
+    """The main graph, then every If/Loop/Scan body reachable from it."""
+    yield model.graph
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        for attr in node.attributes.values():
+            if attr.type == ir.AttributeType.GRAPH:
+                yield attr.as_graph()
+            elif attr.type == ir.AttributeType.GRAPHS:
+                yield from attr.as_graphs()
+
+
+def _op_key(node: ir.Node) -> str:
+    return f"{node.domain}::{node.op_type}" if node.domain not in ("", "ai.onnx") else node.op_type
+
+
+def _tensor_size(tensor: ir.TensorProtocol) -> tuple[int, int]:
+    return int(tensor.size), int(tensor.nbytes)  # both from shape and dtype: nothing is loaded
+
+
+def model_stats(model: ir.Model) -> ModelStats:
+    """Count nodes and parameters: initializers plus the tensors held by Constant nodes."""
+    ops: collections.Counter[str] = collections.Counter()
+    parameters = parameter_bytes = 0
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        ops[_op_key(node)] += 1
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            value = node.attributes.get("value")
+            if value is not None and value.type == ir.AttributeType.TENSOR:
+                count, size = _tensor_size(value.as_tensor())
+                parameters += count
+                parameter_bytes += size
+    for graph in iter_graphs(model):
+        for initializer in graph.initializers.values():
+            tensor = initializer.const_value
+            if tensor is None:  # an initializer whose data is not attached: count the declared type
+                continue
+            count, size = _tensor_size(tensor)
+            parameters += count
+            parameter_bytes += size
+    return ModelStats(
+        nodes=sum(ops.values()),
+        ops=dict(sorted(ops.items())),
+        parameters=parameters,
+        parameter_bytes=parameter_bytes,
+    )
