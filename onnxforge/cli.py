@@ -56,13 +56,37 @@ def _global_options(
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
     ] = False,
+    plugin: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--plugin",
+            help="Import this Python module first, so that the passes it registers can be used "
+            "(repeatable). Installed packages can use the 'onnxforge.passes' entry-point group.",
+        ),
+    ] = None,
 ) -> None:
     _state["debug"] = debug
+    for module in plugin or []:
+        _import_plugin(module)
     logging.basicConfig(
         level=logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+
+
+def _import_plugin(module: str) -> None:
+    import importlib
+
+    from onnxforge.errors import InputError
+
+    try:
+        importlib.import_module(module)
+    except ImportError as error:
+        raise InputError(
+            f"cannot import plugin module '{module}': {error}",
+            hint="the module must be importable from here (check PYTHONPATH)",
+        ) from None
 
 
 def _bytes(n: int | None) -> str:
