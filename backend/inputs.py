@@ -69,10 +69,10 @@ def make_inputs(
                 shape.append(dims[dim])
             else:
                 shape.append(batch if axis == 0 else DEFAULT_SYMBOLIC_DIM)
-        if np.issubdtype(spec.dtype, np.floating):
-            array = rng.standard_normal(shape).astype(spec.dtype)
-        elif "mask" in spec.name.lower():
+        if "mask" in spec.name.lower():
             array = np.ones(shape, dtype=spec.dtype)
+        elif np.issubdtype(spec.dtype, np.floating):
+            array = rng.standard_normal(shape).astype(spec.dtype)
         elif spec.dtype == np.bool_:
             array = rng.random(shape) < 0.5
         elif np.issubdtype(spec.dtype, np.integer):

@@ -59,14 +59,16 @@ def compare_outputs(ref: Sequence[np.ndarray], got: Sequence[np.ndarray]) -> Out
         if r.size == 0:
             continue
         diff = np.where(valid, g64 - r64, 0.0)
-        max_abs = max(max_abs, float(np.nan_to_num(np.abs(diff), nan=np.inf).max()))
+        max_abs = max(max_abs, float(np.where(np.isnan(diff), np.inf, np.abs(diff)).max()))
         diff_sq += float(np.sum(diff * diff))
         ref_sq += float(np.sum(np.where(valid, r64, 0.0) ** 2))
         rr, gr = _rows(np.where(valid, r64, 0.0)), _rows(np.where(valid, g64, 0.0))
         norms = np.linalg.norm(rr, axis=1) * np.linalg.norm(gr, axis=1)
         both_zero = (np.linalg.norm(rr, axis=1) == 0) & (np.linalg.norm(gr, axis=1) == 0)
         row_cos = np.where(both_zero, 1.0, np.sum(rr * gr, axis=1) / np.maximum(norms, _TINY))
-        cosine = min(cosine, float(np.min(row_cos)))
+        worst_row = float(np.min(row_cos))  # NaN when a row became NaN or infinite
+        if np.isnan(worst_row) or worst_row < cosine:
+            cosine = worst_row
         if r.ndim == 2 and r.shape[1] > 1:
             top1_hits += int(np.sum(np.argmax(r, axis=1) == np.argmax(g, axis=1)))
             top1_rows += r.shape[0]

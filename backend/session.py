@@ -93,6 +93,8 @@ class Session:
             raise InputError(f"ONNX Runtime cannot load the model: {first_line}") from error
         self.input_names = [i.name for i in self._session.get_inputs()]
         self.output_names = [o.name for o in self._session.get_outputs()]
+        # Initializers that are also graph inputs: a caller may feed them to override them.
+        self.overridable_names = [i.name for i in self._session.get_overridable_initializers()]
 
     @staticmethod
     def _from_model(model: ir.Model, options, providers, provider_opts) -> ort.InferenceSession:
@@ -112,14 +114,15 @@ class Session:
     def run(self, inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         """Run once; returns the outputs in graph order."""
         missing = [name for name in self.input_names if name not in inputs]
-        unknown = [name for name in inputs if name not in self.input_names]
+        known = set(self.input_names) | set(self.overridable_names)
+        unknown = [name for name in inputs if name not in known]
         if missing or unknown:
             raise InputError(
                 f"inputs do not match the model: missing {missing or 'none'}, "
                 f"unexpected {unknown or 'none'}",
                 hint=f"the model takes: {', '.join(self.input_names)}",
             )
-        feed = {name: np.asarray(inputs[name]) for name in self.input_names}
+        feed = {name: np.asarray(value) for name, value in inputs.items()}
         return list(self._session.run(self.output_names, feed))
 
     @classmethod

@@ -351,32 +351,126 @@ def inspect(
         out.print(f"written by onnxforge {info.onnxforge_version}")
 
 
+def _parse_shape(text: str) -> tuple[str, list[int]]:
+    from onnxforge.errors import InputError
+
+    name, equals, dims = text.partition("=")
+    try:
+        shape = [int(d) for d in dims.lower().split("x")]
+    except ValueError:
+        shape = []
+    if not equals or not name or not shape or min(shape) < 1:
+        raise InputError(f"bad --input-shape '{text}'", hint="write NAME=1x3x224x224")
+    return name, shape
+
+
+def _export_table(title: str, report: dict) -> Table:
+    table = Table(title=title, title_justify="left")
+    for column in ("batch", "max abs", "rel L2", "worst cosine", "tolerance (rel L2)"):
+        table.add_column(column, justify="right")
+    for check in report["checks"]:
+        table.add_row(
+            str(check["batch"]),
+            f"{check['max_abs']:.2e}",
+            f"{check['rel_l2']:.2e}",
+            f"{check['cosine']:.7f}",
+            f"{report['tolerance']:g}",
+        )
+    return table
+
+
 @app.command()
 def export(
     spec: Annotated[
-        str, typer.Argument(help="A bundled sample name (e.g. seed-cnn) or package.module:factory.")
+        str,
+        typer.Argument(
+            help="A bundled sample (see `onnxforge samples`), package.module:factory, a "
+            "torch.export .pt2 archive, or any of the first two followed by @WEIGHTS "
+            "(a state dict: .pt/.pth/.bin loaded weights-only, or .npz)."
+        ),
     ],
     output: Annotated[
         pathlib.Path, typer.Option("--output", "-o", help="Where to write the .onnx.")
     ],
     opset: Annotated[int | None, typer.Option(help="ONNX opset (default: the exporter's).")] = None,
+    batch: Annotated[
+        int | None, typer.Option(help="Batch size of the example inputs (default: 2).")
+    ] = None,
     static: Annotated[
         bool, typer.Option("--static", help="Fix the batch size instead of leaving it dynamic.")
     ] = False,
+    input_shape: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--input-shape",
+            help="NAME=1x3x224x224: export with a random example input of this shape (repeatable).",
+        ),
+    ] = None,
 ) -> None:
-    """Export a PyTorch model to ONNX and check it against PyTorch with ONNX Runtime."""
+    """Export a PyTorch model to ONNX and check it against PyTorch with ONNX Runtime.
+
+    The check runs at the example batch and, when the batch is dynamic, at a second batch
+    size; a difference past the sample's tolerance is an error (exit 1).
+    """
     from onnxforge.frontend import EXPORT_CHECK_META_KEY
     from onnxforge.frontend import export as run_export
     from onnxforge.io import save
 
+    shapes = dict(_parse_shape(text) for text in input_shape or [])
     with err.status(f"exporting {spec}"):
-        model = run_export(spec, dynamic_batch=not static, opset=opset)
+        model = run_export(
+            spec, dynamic_batch=not static, opset=opset, batch=batch, input_shapes=shapes or None
+        )
     save(model, output)
-    check = model.meta[EXPORT_CHECK_META_KEY]
-    out.print(
-        f"export check vs PyTorch: max abs {check['max_abs']:.2e}, rel L2 {check['rel_l2']:.2e}"
+    report = model.meta[EXPORT_CHECK_META_KEY]
+    title = (
+        f"{spec}: exported with {report['exporter']} in {report['seconds']:.1f} s, "
+        f"{report['nodes']} nodes; ONNX Runtime vs PyTorch"
     )
+    out.print(_export_table(title, report))
     out.print(f"wrote {output}")
+
+
+@app.command()
+def samples(
+    check: Annotated[
+        bool,
+        typer.Option("--check", help="Export every sample and print the export figures."),
+    ] = False,
+) -> None:
+    """List the bundled samples; with --check, export each and show time, error and nodes."""
+    from onnxforge.samples import available_samples
+
+    table = Table(title="samples (use the name as an export SPEC)", title_justify="left")
+    columns = ["sample", "summary", "data", "metric"]
+    if check:
+        columns += ["export s", "nodes", "rel L2 (worst)", "tolerance"]
+    for column in columns:
+        table.add_column(column)
+    for name, sample in available_samples().items():
+        data = ", ".join(
+            kind
+            for kind, present in (
+                ("calibration", sample.calibration_data),
+                ("evaluation", sample.evaluation_data),
+            )
+            if present is not None
+        )
+        row = [name, sample.summary, data or "-", sample.metric]
+        if check:
+            from onnxforge.frontend import EXPORT_CHECK_META_KEY
+            from onnxforge.frontend import export as run_export
+
+            with err.status(f"exporting {name}"):
+                report = run_export(name).meta[EXPORT_CHECK_META_KEY]
+            row += [
+                f"{report['seconds']:.1f}",
+                str(report["nodes"]),
+                f"{report['rel_l2']:.1e}",
+                f"{report['tolerance']:g}",
+            ]
+        table.add_row(*(escape(cell) for cell in row))
+    out.print(table)
 
 
 @app.command()
@@ -450,7 +544,7 @@ def demo(
     exported = result.exported
     first = (
         "",
-        "(exported model)",
+        "(exported)",
         "",
         "",
         str(exported.nodes),
@@ -463,6 +557,11 @@ def demo(
             result.result.records, title=f"pipeline: {result.result.pipeline}", first_row=first
         )
     )
+    if result.accuracy_before is not None:
+        out.print(
+            f"held-out top-1 accuracy: {result.accuracy_before:.4f} exported, "
+            f"{result.accuracy_after:.4f} optimised"
+        )
     out.print(f"wrote {result.optimized_path}")
     out.print(f"next: onnxforge inspect {result.optimized_path}")
 

@@ -46,7 +46,7 @@ SOURCE_META_KEY = "onnxforge.source"
 # Past this many parameter bytes a model is saved with external data (protobuf's hard limit is
 # 2 GiB for the whole file); a model loaded with external data keeps it whatever its size.
 EXTERNAL_DATA_THRESHOLD_BYTES = 1 << 30
-# Tensors of at least this many bytes go to the external data file when one is written.
+# Tensors larger than this many bytes go to the external data file when one is written.
 EXTERNAL_TENSOR_MIN_BYTES = 1024
 
 
@@ -103,8 +103,10 @@ def load(source: str | os.PathLike[str] | bytes) -> ir.Model:
             proto = onnx.load_from_string(bytes(source))
         except Exception as error:
             raise InputError(f"the bytes are not an ONNX model: {error}") from None
+        if proto.ir_version < 1:
+            raise InputError("the bytes are not an ONNX model (no IR version)")
         return ir.serde.deserialize_model(proto)
-    path = pathlib.Path(source)
+    path = pathlib.Path(source).resolve()  # lazy tensors keep this folder: make it absolute
     if not path.exists():
         raise InputError(f"no such model file: {path}")
     if not path.is_file():
@@ -114,8 +116,10 @@ def load(source: str | os.PathLike[str] | bytes) -> ir.Model:
     except Exception as error:
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise InputError(f"{path} is not a readable ONNX model: {first_line}") from None
+    if model.ir_version < 1:
+        raise InputError(f"{path} is not an ONNX model (empty, or no IR version)")
     _validate_external_data(model, path)
-    model.meta[SOURCE_META_KEY] = str(path.resolve())
+    model.meta[SOURCE_META_KEY] = str(path)
     return model
 
 
@@ -178,6 +182,36 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> pathlib.Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def _replace_data_then_model(
+    new_data: pathlib.Path,
+    data_path: pathlib.Path,
+    new_model: pathlib.Path,
+    model_path: pathlib.Path,
+    *,
+    backup: pathlib.Path,
+) -> None:
+    """Move the data file, then the model, into place.
+
+    If the model cannot be moved, the old data file is put back, so that an old model never
+    reads the new model's weights.
+    """
+    had_data = data_path.exists()
+    if had_data:
+        try:
+            os.link(data_path, backup)  # a second name for the old data, no copy
+        except OSError:
+            shutil.copy2(data_path, backup)
+    os.replace(new_data, data_path)
+    try:
+        os.replace(new_model, model_path)
+    except OSError:
+        if had_data:
+            os.replace(backup, data_path)
+        else:
+            data_path.unlink(missing_ok=True)
+        raise
+
+
 def save(
     model: ir.Model,
     path: str | os.PathLike[str],
@@ -216,11 +250,14 @@ def save(
             external_data=external_data_name(path) if external_data else None,
             size_threshold_bytes=EXTERNAL_TENSOR_MIN_BYTES,
         )
-        written = [tmp / external_data_name(path)] if external_data else []
-        for file in [*written, tmp_model]:
+        tmp_data = tmp / external_data_name(path)
+        for file in (tmp_data, tmp_model):
             if file.exists():
                 _fsync(file)
-                os.replace(file, directory / file.name)  # data first, the model last
+        if tmp_data.exists():
+            _replace_data_then_model(tmp_data, data_path, tmp_model, path, backup=tmp / "old.data")
+        else:
+            os.replace(tmp_model, path)
         dir_fd = os.open(directory, os.O_RDONLY)
         try:
             os.fsync(dir_fd)

@@ -94,8 +94,15 @@ class PassBase(ir.passes.PassBase):
             return ()
         hints = typing.get_type_hints(init)
         specs = []
-        for param in inspect.signature(init).parameters.values():
-            if param.kind is not inspect.Parameter.KEYWORD_ONLY:
+        for param in list(inspect.signature(init).parameters.values())[1:]:  # after self
+            if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+                continue
+            if param.kind is not param.KEYWORD_ONLY:
+                if param.default is param.empty:
+                    raise TypeError(
+                        f"{cls.__name__}: '{param.name}' must be a keyword-only option with a "
+                        "default (write `def __init__(self, *, name=DEFAULT)`)"
+                    )
                 continue
             if param.default is inspect.Parameter.empty:
                 raise TypeError(f"{cls.__name__}: option '{param.name}' needs a default")

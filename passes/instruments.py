@@ -21,9 +21,9 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from onnxforge.errors import InputError, VerificationError
+from onnxforge.errors import InputError
 from onnxforge.passes.base import PassBase, Semantics
-from onnxforge.passes.manager import Instrument, PassRecord
+from onnxforge.passes.manager import CheckFailed, Instrument, PassRecord
 from onnxforge.passes.statistics import ModelStats, model_stats
 
 try:
@@ -141,17 +141,15 @@ class VerifyStructure(Instrument):
             )
 
     def after_pass(self, record: PassRecord, model: ir.Model) -> None:
-        """Raise VerificationError naming the pass when the result is not a valid model."""
+        """Raise CheckFailed when the result is not a valid model."""
         if not (self.enabled and record.modified):
             return
         try:
             _check_structure(model)
         except Exception as error:
             first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-            raise VerificationError(
+            raise CheckFailed(
                 f"the result is not a valid ONNX model: {first_line}",
-                pass_name=record.text,
-                index=record.index,
                 hint="the pass produced an invalid graph; this is a bug in the pass",
             ) from error
 
@@ -186,11 +184,7 @@ class VerifyNumerics(Instrument):
         except Exception as error:
             if record is None:
                 raise InputError(f"the input model does not run: {error}") from error
-            raise VerificationError(
-                f"the result no longer runs: {error}",
-                pass_name=record.text,
-                index=record.index,
-            ) from error
+            raise CheckFailed(f"the result no longer runs: {error}") from error
 
     def before_pipeline(self, model: ir.Model, passes: Sequence[PassBase]) -> None:
         """Run the input model once: the reference for every later comparison."""
@@ -198,7 +192,7 @@ class VerifyNumerics(Instrument):
         self.previous = self.reference
 
     def after_pass(self, record: PassRecord, model: ir.Model) -> None:
-        """Compare with the previous outputs; raise VerificationError past the tolerance."""
+        """Compare with the previous outputs; raise CheckFailed past the tolerance."""
         if not record.modified:
             return
         outputs = self._run(model, record)
@@ -207,28 +201,21 @@ class VerifyNumerics(Instrument):
         record.drift, record.total_drift = step.as_dict(), total.as_dict()
         self.previous = outputs
         if not step.finite:
-            raise VerificationError(
-                "the outputs became NaN or infinite",
-                pass_name=record.text,
-                index=record.index,
-            )
+            raise CheckFailed("the outputs became NaN or infinite")
         tolerance = self.tolerances.get(record.semantics)
         if tolerance is not None and not step.rel_l2 <= tolerance:
-            raise VerificationError(
+            raise CheckFailed(
                 f"outputs drifted by relative L2 {step.rel_l2:.3g} (max abs {step.max_abs:.3g}), "
                 f"past the {tolerance:g} allowed for a pass whose semantics are "
                 f"'{record.semantics}'",
-                pass_name=record.text,
-                index=record.index,
-                hint="the pass changed what the model computes; bisect with --bisect, or drop it",
+                hint="the pass changed what the model computes: drop it from the pipeline, or "
+                "rerun with --reproducer DIR to keep the model it was given",
             )
         if record.semantics is Semantics.LOSSY and self.budget is not None:
             if not total.rel_l2 <= self.budget:
-                raise VerificationError(
+                raise CheckFailed(
                     f"outputs drifted by relative L2 {total.rel_l2:.3g} from the input model, "
                     f"over the accuracy budget {self.budget:g}",
-                    pass_name=record.text,
-                    index=record.index,
                     hint="loosen the pass's options or raise the budget",
                 )
 
@@ -258,8 +245,12 @@ class CrashReproducer(Instrument):
         """Keep a copy of the model (tensors are shared, not copied)."""
         self._snapshot = model.clone()
 
-    def after_pass(self, record: PassRecord, model: ir.Model) -> None:
-        """Drop the copy."""
+    def after_pipeline(self, result) -> None:
+        """Drop the copy.
+
+        It is kept through ``after_pass``, where a verification instrument whose hook runs
+        after this one may still fail the pass.
+        """
         self._snapshot = None
 
     def after_pass_failed(self, record: PassRecord, model: ir.Model, error: Exception) -> None:
@@ -270,7 +261,11 @@ class CrashReproducer(Instrument):
         safe_name = "".join(c if c.isalnum() or c in "-_" else "_" for c in record.name)
         path = self.directory / f"reproducer-{record.index:02d}-{safe_name}.onnx"
         self._snapshot.metadata_props["onnxforge.reproduce"] = record.text
-        ir.save(self._snapshot, path)
+        external = any(
+            isinstance(v.const_value, ir.ExternalTensor)
+            for v in self._snapshot.graph.initializers.values()
+        )
+        ir.save(self._snapshot, path, external_data=f"{path.name}.data" if external else None)
         record.reproducer = str(path)
         self._snapshot = None
         logger.warning("saved the model before failing pass %s to %s", record.text, path)

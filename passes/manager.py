@@ -16,11 +16,11 @@ from typing import Any
 
 import onnx_ir as ir
 
-from onnxforge.errors import OnnxforgeError, PassError
+from onnxforge.errors import OnnxforgeError, PassError, VerificationError
 from onnxforge.passes.base import PassBase, Semantics
 from onnxforge.passes.pipeline import PipelineLike, format_pass, format_pipeline, parse_pipeline
 
-__all__ = ["PassRecord", "PipelineResult", "Instrument", "PassManager"]
+__all__ = ["PassRecord", "PipelineResult", "Instrument", "PassManager", "CheckFailed"]
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +67,14 @@ class PipelineResult:
     def as_dict(self) -> dict[str, Any]:
         """The ledger as a JSON-ready dictionary (the model itself is not included)."""
         return {"pipeline": self.pipeline, "passes": [r.as_dict() for r in self.records]}
+
+
+class CheckFailed(OnnxforgeError):
+    """Raised by an instrument's ``after_pass`` when the pass's result fails a check.
+
+    The manager turns it into a :class:`~onnxforge.errors.VerificationError` that names the
+    pass, its index and the passes before it.
+    """
 
 
 class Instrument:
@@ -138,24 +146,27 @@ class PassManager:
             record.error = f"{type(error).__name__}: {error}"
             for instrument in reversed(self.instruments):
                 instrument.after_pass_failed(record, model, error)
-            previous = tuple(r.text for r in records[:-1] if r.status == "ok")
-            if isinstance(error, PassError):  # a verification instrument already named the pass
-                error.records = records
-                if record.reproducer:
-                    error.hint = _reproducer_hint(record)
-                raise
-            message = str(error) if isinstance(error, OnnxforgeError) else record.error
-            failure = PassError(
-                message,
-                pass_name=record.text,
-                index=record.index,
-                previous=previous,
-                hint=_reproducer_hint(record),
-            )
-            failure.records = records
-            raise failure from error
+            raise self._failure(error, record, records) from error
         record.status = "ok"
         return result.model
+
+    @staticmethod
+    def _failure(error: Exception, record: PassRecord, records: list[PassRecord]) -> PassError:
+        """The typed error for a failed pass: what failed, which pass, after which passes."""
+        previous = tuple(r.text for r in records[:-1] if r.status == "ok")
+        where = {"pass_name": record.text, "index": record.index, "previous": previous}
+        if isinstance(error, CheckFailed):
+            hints = [h for h in (error.hint, record.reproducer and _reproducer_hint(record)) if h]
+            failure: PassError = VerificationError(
+                str(error), hint="; ".join(hints) or None, **where
+            )
+        elif isinstance(error, OnnxforgeError):
+            failure = PassError(str(error), hint=error.hint or _reproducer_hint(record), **where)
+            failure.exit_code = error.exit_code  # bad input met inside a pass is still bad input
+        else:
+            failure = PassError(record.error or str(error), hint=_reproducer_hint(record), **where)
+        failure.records = records
+        return failure
 
 
 def _reproducer_hint(record: PassRecord) -> str:

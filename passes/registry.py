@@ -20,7 +20,7 @@ from typing import TypeVar
 from onnxforge.errors import InputError
 from onnxforge.passes.base import PassBase
 
-__all__ = ["ENTRY_POINT_GROUP", "register", "get_pass", "available_passes"]
+__all__ = ["ENTRY_POINT_GROUP", "register", "unregister", "get_pass", "available_passes"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +47,11 @@ def register(cls: PassT) -> PassT:
         )
     _REGISTRY[cls.name] = cls
     return cls
+
+
+def unregister(name: str) -> type[PassBase] | None:
+    """Remove the pass registered under ``name`` (for tests and plug-in reloading)."""
+    return _REGISTRY.pop(name, None)
 
 
 def _load_entry_points() -> None:
