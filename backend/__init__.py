@@ -1,16 +1,16 @@
-"""Backend: ONNX Runtime sessions, inputs, and output comparison.
-
-Benchmarking and concurrent load tests arrive with their issue (see ``docs/roadmap.md``).
-"""
+"""Backend: ONNX Runtime sessions, inputs, output comparison, benchmarks, serving load tests."""
 
 from __future__ import annotations
 
+from onnxforge.backend.benchmark import Stats, benchmark
 from onnxforge.backend.inputs import InputSpec, input_specs, load_inputs, make_inputs
 from onnxforge.backend.numerics import OutputComparison, compare_outputs
-from onnxforge.backend.session import Session, available_eps
+from onnxforge.backend.serving import DynamicBatcher, LoadTestResult, ServingStats, load_test
+from onnxforge.backend.session import BoundRun, Session, available_eps
 
 __all__ = [
     "Session",
+    "BoundRun",
     "available_eps",
     "InputSpec",
     "input_specs",
@@ -18,4 +18,10 @@ __all__ = [
     "load_inputs",
     "OutputComparison",
     "compare_outputs",
+    "Stats",
+    "benchmark",
+    "DynamicBatcher",
+    "ServingStats",
+    "LoadTestResult",
+    "load_test",
 ]

@@ -14,7 +14,7 @@ import onnxruntime as ort
 
 from onnxforge.errors import InputError
 
-__all__ = ["Session", "EP_PROVIDERS", "GRAPH_OPTIMIZATION_LEVELS", "available_eps"]
+__all__ = ["Session", "BoundRun", "EP_PROVIDERS", "GRAPH_OPTIMIZATION_LEVELS", "available_eps"]
 
 EP_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 GRAPH_OPTIMIZATION_LEVELS = {
@@ -64,6 +64,7 @@ class Session:
         threads: int | None = None,
         graph_optimization: Literal["none", "basic", "extended", "all"] = "all",
         provider_options: Mapping[str, Any] | None = None,
+        cuda_graph: bool = False,
     ) -> None:
         options = ort.SessionOptions()
         if threads is not None:
@@ -76,8 +77,18 @@ class Session:
         options.graph_optimization_level = GRAPH_OPTIMIZATION_LEVELS[graph_optimization]
         options.log_severity_level = 3  # errors only: warnings go through our own reporting
         providers = _resolve_providers(ep)
-        provider_opts = [dict(provider_options or {})] + [{}] * (len(providers) - 1)
         self.ep = "cuda" if providers[0] == EP_PROVIDERS["cuda"] else "cpu"
+        first_options = dict(provider_options or {})
+        if cuda_graph:
+            if self.ep != "cuda":
+                raise InputError(
+                    "CUDA graphs need the cuda execution provider",
+                    hint="use ep='cuda', or drop cuda_graph",
+                )
+            # Replays the captured kernels; needs static shapes and inputs bound with bind().
+            first_options["enable_cuda_graph"] = "1"
+        self.cuda_graph = cuda_graph
+        provider_opts = [first_options] + [{}] * (len(providers) - 1)
         try:
             if isinstance(model_or_path, ir.Model):
                 self._session = self._from_model(model_or_path, options, providers, provider_opts)
@@ -125,6 +136,13 @@ class Session:
         feed = {name: np.asarray(value) for name, value in inputs.items()}
         return list(self._session.run(self.output_names, feed))
 
+    def bind(self, inputs: Mapping[str, np.ndarray]) -> BoundRun:
+        """Bind ``inputs`` and the outputs to the session's device (IO binding).
+
+        Repeated runs then move no data between host and device; see :class:`BoundRun`.
+        """
+        return BoundRun(self, inputs)
+
     @classmethod
     def runner(cls, *, ep: str = "cpu", threads: int | None = None):
         """A ``runner(model, inputs) -> outputs`` callable, as VerifyNumerics takes."""
@@ -133,3 +151,41 @@ class Session:
             return cls(model, ep=ep, threads=threads).run(inputs)
 
         return run
+
+
+class BoundRun:
+    """A session with its inputs and outputs bound to the device: ``run()`` moves no data.
+
+    Inputs are copied to the device once; outputs are allocated there once, from the shapes of
+    a first ordinary run, so their addresses stay fixed (as CUDA graphs require). ``run()``
+    waits for the device to finish, so wall-clock timing around it is honest. ``outputs()``
+    copies the latest outputs back to the host.
+    """
+
+    def __init__(self, session: Session, inputs: Mapping[str, np.ndarray]) -> None:
+        reference = session.run(inputs)  # validates the inputs, learns the output shapes
+        device = session.ep
+        self._session = session._session
+        self._binding = self._session.io_binding()
+        self._inputs = {
+            name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value), device, 0)
+            for name, value in inputs.items()
+        }
+        for name, value in self._inputs.items():
+            self._binding.bind_ortvalue_input(name, value)
+        self._outputs = [
+            ort.OrtValue.ortvalue_from_shape_and_type(list(r.shape), r.dtype, device, 0)
+            for r in reference
+        ]
+        for name, value in zip(session.output_names, self._outputs, strict=True):
+            self._binding.bind_ortvalue_output(name, value)
+        self.batch = int(next(iter(inputs.values())).shape[0]) if inputs else 1
+
+    def run(self) -> None:
+        """Run once on the bound tensors and wait for the device."""
+        self._session.run_with_iobinding(self._binding)
+        self._binding.synchronize_outputs()
+
+    def outputs(self) -> list[np.ndarray]:
+        """The outputs of the latest run, copied to the host."""
+        return [value.numpy() for value in self._outputs]

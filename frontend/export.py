@@ -138,8 +138,17 @@ def _export_torchscript(module, inputs, names, axes, *, opset) -> ir.Model:
 
 
 def _check(module, model: ir.Model, inputs: Sequence[torch.Tensor], tolerance: float) -> dict:
-    with torch.no_grad():
-        expected = module(*inputs)
+    try:
+        with torch.no_grad():
+            expected = module(*inputs)
+    except Exception as error:
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        shapes = ", ".join(str(tuple(t.shape)) for t in inputs)
+        raise InputError(
+            f"PyTorch cannot run the model on inputs of shape {shapes}: {first}",
+            hint="the model (or the .pt2 archive) may fix these shapes; leave --batch and "
+            "--input-shape at what it was made for",
+        ) from None
     expected = [expected] if isinstance(expected, torch.Tensor) else list(expected)
     names = [v.name for v in model.graph.inputs if v.name not in model.graph.initializers]
     feed = {name: t.detach().numpy() for name, t in zip(names, inputs, strict=True)}

@@ -15,6 +15,7 @@ would otherwise unpickle without restriction) sees it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import io
@@ -22,6 +23,7 @@ import json
 import os
 import pathlib
 import pickle
+import types
 import zipfile
 from collections.abc import Callable, Mapping
 
@@ -84,22 +86,30 @@ def _factory(spec: str) -> ResolvedSpec:
     return ResolvedSpec(name=spec, module=built, example_inputs=inputs)
 
 
+# Member suffixes and payload names that mean "a pickle is in here" (compared in lower case:
+# torch's archive reader finds members whatever their case).
+_PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".bin")
+_PICKLED_PAYLOAD_PREFIXES = ("custom_obj", "tensor_pickle", "pickle", "opaque_obj")
+
+
 def _pickle_members(archive: zipfile.ZipFile) -> list[str]:
-    """Members of a .pt2 archive that hold pickles, read from its payload configs."""
-    members = [n for n in archive.namelist() if n.endswith((".pt", ".pkl"))]
-    for name in archive.namelist():
-        if not name.endswith("_config.json"):
+    """Members of a .pt2 archive that hold pickles: by suffix, and from its payload configs."""
+    by_lower = {name.lower(): name for name in archive.namelist()}
+    members = [name for lower, name in by_lower.items() if lower.endswith(_PICKLE_SUFFIXES)]
+    for lower, name in by_lower.items():
+        if not lower.endswith("_config.json"):
             continue
         folder = name.rsplit("/", 1)[0]
         try:
             config = json.loads(archive.read(name)).get("config", {})
+            entries = list(config.values())
         except (ValueError, AttributeError):
             raise InputError(f"the .pt2 archive has an unreadable payload config {name}") from None
-        for entry in config.values():
-            if entry.get("use_pickle") or entry.get("path_name", "").startswith(
-                ("custom_obj", "tensor_pickle", "pickle")
-            ):
-                members.append(f"{folder}/{entry['path_name']}")
+        for entry in entries:
+            path_name = str(entry.get("path_name", ""))
+            if entry.get("use_pickle") or path_name.lower().startswith(_PICKLED_PAYLOAD_PREFIXES):
+                member = f"{folder}/{path_name}".lower()
+                members.append(by_lower.get(member, f"{folder}/{path_name}"))
     return members
 
 
@@ -119,7 +129,7 @@ def vet_pt2_archive(path: pathlib.Path) -> None:
                 ) from None
             try:
                 torch.load(io.BytesIO(data), weights_only=True)
-            except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError) as error:
+            except Exception as error:  # any failure: not provably plain tensor data
                 first = (str(error).strip().splitlines() or [type(error).__name__])[0]
                 raise InputError(
                     f"refusing {path}: {member} is a pickle that is not plain tensor data "
@@ -129,12 +139,57 @@ def vet_pt2_archive(path: pathlib.Path) -> None:
                 ) from None
 
 
+class _NoGlobalsUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a .pt2 archive")
+
+
+def _refuse(*args, **kwargs):
+    raise pickle.UnpicklingError("refusing to unpickle a TorchScript object from a .pt2 archive")
+
+
+@contextlib.contextmanager
+def _weights_only_unpickling():
+    """Make every unpickling inside ``torch.export.load`` safe while it runs.
+
+    Every ``torch.load`` is weights-only, plain ``pickle.loads`` may build no objects, and
+    TorchScript objects are refused: the second line of defence behind
+    :func:`vet_pt2_archive`, for pickles the vetting did not find.
+    """
+    from torch.export.pt2_archive import _package
+
+    original_load = torch.load
+    original_package_pickle = _package.pickle
+    original_obj_load = getattr(torch._C, "_pickle_load_obj", None)
+
+    def load(*args, **kwargs):
+        kwargs["weights_only"] = True
+        return original_load(*args, **kwargs)
+
+    shim = types.SimpleNamespace(
+        **{k: getattr(pickle, k) for k in dir(pickle) if not k.startswith("__")}
+    )
+    shim.loads = lambda data, **kw: _NoGlobalsUnpickler(io.BytesIO(data)).load()
+    torch.load = load
+    _package.pickle = shim
+    if original_obj_load is not None:
+        torch._C._pickle_load_obj = _refuse
+    try:
+        yield
+    finally:
+        torch.load = original_load
+        _package.pickle = original_package_pickle
+        if original_obj_load is not None:
+            torch._C._pickle_load_obj = original_obj_load
+
+
 def _pt2(path: pathlib.Path) -> ResolvedSpec:
     if not path.is_file():
         raise InputError(f"no such torch.export archive: {path}")
     vet_pt2_archive(path)
     try:
-        program = torch.export.load(path)
+        with _weights_only_unpickling():
+            program = torch.export.load(path)
     except Exception as error:
         first = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise InputError(f"cannot load the torch.export archive {path}: {first}") from None
@@ -185,8 +240,9 @@ def _with_weights(spec: str, weights: str) -> ResolvedSpec:
     try:
         resolved.module.load_state_dict(load_state_dict(weights))
     except RuntimeError as error:
-        first = (str(error).strip().splitlines() or ["mismatch"])[0]
-        raise InputError(f"the weights in {weights} do not fit {spec}: {first}") from None
+        lines = [line.strip() for line in str(error).strip().splitlines()[1:] if line.strip()]
+        detail = " ".join(lines[:3]) or str(error).strip()
+        raise InputError(f"the weights in {weights} do not fit {spec}: {detail}") from None
     resolved.name = f"{spec}@{weights}"
     return resolved
 
@@ -194,7 +250,7 @@ def _with_weights(spec: str, weights: str) -> ResolvedSpec:
 def resolve_spec(spec: str | os.PathLike[str]) -> ResolvedSpec:
     """Resolve a spec string (see the module docstring) to a module and its settings."""
     text = os.fspath(spec)
-    if "@" in text:
+    if "@" in text and not os.path.exists(text):
         base, _, weights = text.rpartition("@")
         return _with_weights(base, weights)
     if text.endswith(".pt2"):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pathlib
 import sys
 from typing import Annotated, Any
@@ -36,8 +37,10 @@ app = typer.Typer(
     add_completion=False,
     rich_markup_mode=None,
 )
-out = Console()
-err = Console(stderr=True)
+# Piped output (CI logs, files) gets a wide fixed width instead of rich's 80 columns.
+_PIPED_WIDTH = None if sys.stdout.isatty() or "COLUMNS" in os.environ else 140
+out = Console(width=_PIPED_WIDTH)
+err = Console(stderr=True, width=_PIPED_WIDTH)
 _state = {"debug": False}
 
 
@@ -473,6 +476,21 @@ def samples(
     out.print(table)
 
 
+def _parse_dims(texts: list[str] | None) -> dict[str, int]:
+    from onnxforge.errors import InputError
+
+    dims = {}
+    for text in texts or []:
+        name, equals, value = text.partition("=")
+        if not equals or not name or not value.isdigit() or int(value) < 1:
+            raise InputError(f"bad --shape '{text}'", hint="write DIM=N, e.g. --shape sequence=16")
+        dims[name] = int(value)
+    return dims
+
+
+_SHAPE_HELP = "Bind a symbolic dimension by name, e.g. sequence=16 (repeatable)."
+
+
 @app.command()
 def run(
     model: Annotated[pathlib.Path, typer.Argument(help="An .onnx model.")],
@@ -480,6 +498,7 @@ def run(
         pathlib.Path | None, typer.Option(help="An .npz of inputs (default: seeded random).")
     ] = None,
     batch: Annotated[int, typer.Option(help="Batch size for random inputs.")] = 1,
+    shape: Annotated[list[str] | None, typer.Option("--shape", help=_SHAPE_HELP)] = None,
     ep: Annotated[str, typer.Option(help="Execution provider: cpu, cuda or auto.")] = "cpu",
     save_to: Annotated[
         pathlib.Path | None, typer.Option("--save", help="Write the outputs to this .npz.")
@@ -492,7 +511,10 @@ def run(
     from onnxforge.io import atomic_write_bytes, load
 
     loaded = load(model)
-    feed = load_inputs(inputs) if inputs is not None else make_inputs(loaded, batch=batch)
+    dims = _parse_dims(shape)
+    feed = (
+        load_inputs(inputs) if inputs is not None else make_inputs(loaded, batch=batch, dims=dims)
+    )
     session = Session(loaded, ep=ep)
     outputs = session.run(feed)
     table = Table(title=f"{model} on {session.ep}", title_justify="left")
@@ -514,6 +536,164 @@ def run(
         np.savez(buffer, **dict(zip(session.output_names, outputs, strict=True)))
         atomic_write_bytes(save_to, buffer.getvalue())
         out.print(f"wrote {save_to}")
+
+
+def _latency_table(rows: list[dict], ep: str) -> Table:
+    table = Table(
+        title=f"latency on {ep} (ratio: first model's p50 / this p50)", title_justify="left"
+    )
+    for column in (
+        "model",
+        "batch",
+        "runs",
+        "p50 ms",
+        "p90 ms",
+        "p99 ms",
+        "mean ± sd ms",
+        "samples/s",
+        "ratio",
+    ):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    first = rows[0]["latency"]["p50_ms"]
+    for row in rows:
+        s = row["latency"]
+        table.add_row(
+            escape(row["model"]),
+            str(s["batch"]),
+            str(s["runs"]),
+            f"{s['p50_ms']:.3f}",
+            f"{s['p90_ms']:.3f}",
+            f"{s['p99_ms']:.3f}",
+            f"{s['mean_ms']:.3f} ± {s['stdev_ms']:.3f}",
+            f"{s['throughput']:.1f}",
+            f"{first / s['p50_ms']:.2f}x",
+        )
+    return table
+
+
+def _load_table(rows: list[dict], title: str) -> Table:
+    table = Table(title=title, title_justify="left")
+    for column in (
+        "model",
+        "mode",
+        "requests/s",
+        "p50 ms",
+        "p99 ms",
+        "mean batch",
+        "gain",
+        "ratio",
+    ):
+        table.add_column(column, justify="left" if column in ("model", "mode") else "right")
+    first = rows[0]["batched"]["throughput"]
+    for row in rows:
+        for mode in ("unbatched", "batched", "direct"):
+            s = row[mode]
+            gain = s["throughput"] / row["unbatched"]["throughput"]
+            table.add_row(
+                escape(row["model"]) if mode == "unbatched" else "",
+                mode,
+                f"{s['throughput']:.1f}",
+                f"{s['p50_ms']:.3f}",
+                f"{s['p99_ms']:.3f}",
+                f"{s['mean_batch']:.1f}",
+                f"{gain:.2f}x",
+                f"{s['throughput'] / first:.2f}x" if mode == "batched" else "",
+            )
+    return table
+
+
+@app.command()
+def bench(
+    models: Annotated[list[pathlib.Path], typer.Argument(help="One or more .onnx models.")],
+    ep: Annotated[str, typer.Option(help="Execution provider: cpu, cuda or auto.")] = "cpu",
+    batch: Annotated[int, typer.Option(help="Batch size of the timed runs.")] = 1,
+    threads: Annotated[
+        int | None, typer.Option(help="ONNX Runtime intra-op threads (default: all cores).")
+    ] = None,
+    shape: Annotated[list[str] | None, typer.Option("--shape", help=_SHAPE_HELP)] = None,
+    inputs: Annotated[
+        pathlib.Path | None,
+        typer.Option(
+            help="An .npz of inputs (default: seeded random); its rows are the "
+            "requests of a load test."
+        ),
+    ] = None,
+    warmup: Annotated[int, typer.Option(help="Untimed runs first.")] = 5,
+    runs: Annotated[int | None, typer.Option(help="Timed runs (default: 2 s worth).")] = None,
+    duration: Annotated[float | None, typer.Option(help="Seconds of timed runs.")] = None,
+    concurrency: Annotated[
+        int | None,
+        typer.Option(
+            help="Load test instead: this many closed-loop clients sending single "
+            "requests, served unbatched, with dynamic batching, and directly."
+        ),
+    ] = None,
+    max_batch: Annotated[int, typer.Option(help="Load test: largest dynamic batch.")] = 16,
+    batch_timeout_ms: Annotated[
+        float, typer.Option(help="Load test: longest wait of the oldest request for a batch.")
+    ] = 2.0,
+    requests: Annotated[int, typer.Option(help="Load test: requests per client.")] = 100,
+    as_json: Annotated[
+        pathlib.Path | None, typer.Option("--json", help="Write the figures as JSON here.")
+    ] = None,
+) -> None:
+    """Benchmark models side by side with ONNX Runtime; ratios are against the first model.
+
+    Latency mode (default): warm-up, then timed runs on inputs bound to the device, p50/p90/p99
+    and throughput. Load-test mode (--concurrency N): N clients each send single requests; the
+    table shows unbatched serving, dynamic batching (up to --max-batch, waiting at most
+    --batch-timeout-ms) and direct calls, with throughput in requests per second.
+    """
+    from onnxforge.backend import Session, benchmark, load_inputs, load_test, make_inputs
+    from onnxforge.backend.serving import DEFAULT_MAX_BATCH
+    from onnxforge.io import load
+
+    dims = _parse_dims(shape)
+    given = load_inputs(inputs) if inputs is not None else None
+    rows: list[dict] = []
+    with _progress() as progress:
+        for path in models:
+            model = load(path)
+            session = Session(model, ep=ep, threads=threads)
+            task = progress.add_task(f"{path.name}", total=runs)
+            if concurrency is None:
+                feed = given if given is not None else make_inputs(model, batch=batch, dims=dims)
+                stats = benchmark(
+                    session,
+                    feed,
+                    warmup=warmup,
+                    runs=runs,
+                    duration=duration,
+                    on_run=lambda n, t=task: progress.update(t, completed=n),
+                )
+                rows.append({"model": str(path), "ep": session.ep, "latency": stats.as_dict()})
+            else:
+                pool_rows = max(4 * max(max_batch, DEFAULT_MAX_BATCH), concurrency)
+                pool = (
+                    given if given is not None else make_inputs(model, batch=pool_rows, dims=dims)
+                )
+                progress.update(task, description=f"{path.name}: load test")
+                result = load_test(
+                    session,
+                    pool,
+                    concurrency=concurrency,
+                    max_batch=max_batch,
+                    batch_timeout_ms=batch_timeout_ms,
+                    requests_per_client=requests,
+                )
+                rows.append({"model": str(path), "ep": session.ep, **result.as_dict()})
+            progress.remove_task(task)
+    if concurrency is None:
+        out.print(_latency_table(rows, rows[0]["ep"]))
+    else:
+        title = (
+            f"serving on {rows[0]['ep']} at concurrency {concurrency} (gain: vs unbatched; "
+            f"ratio: batched requests/s vs the first model's)"
+        )
+        out.print(_load_table(rows, title))
+    if as_json is not None:
+        _write_json(as_json, {"ep": rows[0]["ep"], "models": rows})
+        out.print(f"wrote {as_json}")
 
 
 @app.command()

@@ -72,8 +72,9 @@ class ResNet18(nn.Module):
 
 def build() -> nn.Module:
     """ResNet-18 with seeded He-initialised weights and randomised BatchNorm statistics."""
-    torch.manual_seed(SEED)
-    model = ResNet18()
+    with torch.random.fork_rng():  # seed the layers' own init without touching the caller's RNG
+        torch.manual_seed(SEED)
+        model = ResNet18()
     generator = torch.Generator().manual_seed(SEED)
     with torch.no_grad():
         for module in model.modules():

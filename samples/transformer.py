@@ -94,8 +94,9 @@ class TinyBert(nn.Module):
 
 def build() -> nn.Module:
     """The encoder with seeded weights, in eval mode."""
-    torch.manual_seed(SEED)
-    return TinyBert().eval()
+    with torch.random.fork_rng():  # seed the layers' own init without touching the caller's RNG
+        torch.manual_seed(SEED)
+        return TinyBert().eval()
 
 
 def example_inputs(batch: int = 2, sequence: int = SEQUENCE) -> tuple[torch.Tensor, ...]:

@@ -41,8 +41,21 @@ SUBCOMMAND_OPTIONS = {
     ],
     "passes": ["--json"],
     "inspect": ["--json"],
-    "export": ["--output", "--opset", "--static"],
-    "run": ["--inputs", "--batch", "--ep", "--save"],
+    "export": ["--output", "--opset", "--static", "--batch", "--input-shape"],
+    "bench": [
+        "--ep",
+        "--batch",
+        "--threads",
+        "--shape",
+        "--runs",
+        "--duration",
+        "--concurrency",
+        "--max-batch",
+        "--batch-timeout-ms",
+        "--json",
+    ],
+    "samples": ["--check"],
+    "run": ["--inputs", "--batch", "--shape", "--ep", "--save"],
     "demo": ["--out"],
 }
 
@@ -415,3 +428,62 @@ def test_demo(tmp_path):
     for name in DEFAULT_PIPELINE.split(","):
         assert re.search(rf"│\s*{re.escape(name)}\s*│", result.stdout), name
     assert "wrote" in result.stdout
+
+
+def test_bench_compares_two_models_in_one_table(tiny_model_path, tmp_path):
+    second = tmp_path / "second.onnx"
+    second.write_bytes(tiny_model_path.read_bytes())
+    result = cli(
+        "bench",
+        tiny_model_path,
+        second,
+        "--runs",
+        "20",
+        "--batch",
+        "3",
+        "--json",
+        "b.json",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "tiny.onnx" in result.stdout and "second.onnx" in result.stdout
+    assert "1.00x" in result.stdout  # the first model's ratio against itself
+    data = json.loads((tmp_path / "b.json").read_text())
+    assert [pathlib.Path(m["model"]).name for m in data["models"]] == [
+        tiny_model_path.name,
+        "second.onnx",
+    ]
+    for entry in data["models"]:
+        latency = entry["latency"]
+        assert latency["runs"] == 20 and latency["batch"] == 3
+        assert latency["p50_ms"] <= latency["p99_ms"]
+
+
+def test_bench_load_test_json_has_unbatched_and_batched(tiny_model_path, tmp_path):
+    result = cli(
+        "bench",
+        tiny_model_path,
+        "--concurrency",
+        "4",
+        "--max-batch",
+        "4",
+        "--requests",
+        "5",
+        "--json",
+        "load.json",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    for mode in ("unbatched", "batched", "direct"):
+        assert mode in result.stdout
+    (entry,) = json.loads((tmp_path / "load.json").read_text())["models"]
+    for mode in ("unbatched", "batched"):
+        assert set(entry[mode]) >= {"throughput", "p50_ms", "p99_ms"}
+        assert entry[mode]["requests"] == 20
+    assert entry["concurrency"] == 4
+
+
+def test_bench_bad_shape_is_a_usage_error(tiny_model_path, tmp_path):
+    result = cli("bench", tiny_model_path, "--shape", "sequence", cwd=tmp_path)
+    assert result.returncode == 2
+    assert _error_lines(result) == [line for line in _error_lines(result) if "--shape" in line]
