@@ -15,6 +15,22 @@ import onnxforge
 TINY_WIDTH = 512
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """``--ep cuda`` runs the backend tests on the CUDA execution provider (the GPU machine)."""
+    parser.addoption(
+        "--ep",
+        default="cpu",
+        choices=("cpu", "cuda"),
+        help="execution provider for the backend tests",
+    )
+
+
+@pytest.fixture(scope="session")
+def ep(request: pytest.FixtureRequest) -> str:
+    """The execution provider the backend tests run on."""
+    return request.config.getoption("--ep")
+
+
 def tiny_model_text(bias: np.ndarray) -> str:
     """ONNX text of ``y = Relu(Identity(x)) + bias`` with ``bias`` as an initializer."""
     values = ", ".join(repr(float(v)) for v in bias)

@@ -149,9 +149,9 @@ def test_direct_load_calls_the_model_from_every_client():
     assert stats.requests == 20 == len(calls)
 
 
-def test_load_test_on_a_real_session(make_tiny_model):
+def test_load_test_on_a_real_session(make_tiny_model, ep):
     model = make_tiny_model()
-    session = Session(model)
+    session = Session(model, ep=ep)
     pool = make_inputs(model, batch=32, seed=1)
     result = load_test(
         session, pool, concurrency=8, max_batch=8, batch_timeout_ms=2, requests_per_client=10

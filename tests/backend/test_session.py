@@ -18,17 +18,17 @@ def x(tiny_bias) -> np.ndarray:
     return np.random.default_rng(7).standard_normal((3, tiny_bias.size)).astype(np.float32)
 
 
-def test_session_from_an_ir_model(make_tiny_model, tiny_bias, tiny_reference, x):
-    session = Session(make_tiny_model())
-    assert session.ep == "cpu"
+def test_session_from_an_ir_model(make_tiny_model, tiny_bias, tiny_reference, x, ep):
+    session = Session(make_tiny_model(), ep=ep)
+    assert session.ep == ep
     assert session.input_names == ["x"]
     assert session.output_names == ["y"]
     (y,) = session.run({"x": x})
     np.testing.assert_allclose(y, tiny_reference(x, tiny_bias), rtol=0, atol=0)
 
 
-def test_session_from_a_path(tiny_model_path, tiny_bias, tiny_reference, x):
-    (y,) = Session(tiny_model_path).run({"x": x})
+def test_session_from_a_path(tiny_model_path, tiny_bias, tiny_reference, x, ep):
+    (y,) = Session(tiny_model_path, ep=ep).run({"x": x})
     np.testing.assert_allclose(y, tiny_reference(x, tiny_bias), rtol=0, atol=0)
 
 
