@@ -23,9 +23,11 @@ import pathlib
 import sys
 import time
 
-import torch  # noqa: F401  (loads the CUDA libraries onnxruntime-gpu links against)
+# isort: off
+import torch  # first: it loads the CUDA libraries that onnxruntime-gpu links against
+import onnxruntime as ort
 
-import onnxruntime as ort  # noqa: I001
+# isort: on
 
 import onnxforge
 from onnxforge.backend import Session, benchmark, load_test
