@@ -17,7 +17,15 @@ import numpy as np
 from onnxforge.backend.session import Session
 from onnxforge.errors import InputError
 
-__all__ = ["Stats", "benchmark", "summarize", "DEFAULT_WARMUP", "DEFAULT_DURATION_S", "MIN_RUNS"]
+__all__ = [
+    "Stats",
+    "benchmark",
+    "time_runs",
+    "summarize",
+    "DEFAULT_WARMUP",
+    "DEFAULT_DURATION_S",
+    "MIN_RUNS",
+]
 
 DEFAULT_WARMUP = 5
 # Without a run count, time runs for this long (but at least MIN_RUNS runs).
@@ -63,6 +71,43 @@ def summarize(latencies_s: list[float], *, batch: int = 1, elapsed_s: float | No
     )
 
 
+def time_runs(
+    run: Callable[[], object],
+    *,
+    batch: int = 1,
+    warmup: int = DEFAULT_WARMUP,
+    runs: int | None = None,
+    duration: float | None = None,
+    on_run: Callable[[int], None] | None = None,
+) -> Stats:
+    """Time a callable after ``warmup`` untimed calls.
+
+    Calls it ``runs`` times, or as many times as fit in ``duration`` seconds (default 2 s, at
+    least 10 calls).
+    """
+    if runs is not None and duration is not None:
+        raise InputError("give runs or duration, not both")
+    if runs is not None and runs < 1:
+        raise InputError(f"runs must be at least 1, got {runs}")
+    for _ in range(max(0, warmup)):
+        run()
+    limit = DEFAULT_DURATION_S if runs is None and duration is None else duration
+    latencies: list[float] = []
+    start = time.perf_counter()
+    while True:
+        begin = time.perf_counter()
+        run()
+        latencies.append(time.perf_counter() - begin)
+        if on_run is not None:
+            on_run(len(latencies))
+        if runs is not None:
+            if len(latencies) >= runs:
+                break
+        elif time.perf_counter() - start >= limit and len(latencies) >= MIN_RUNS:
+            break
+    return summarize(latencies, batch=batch)
+
+
 def benchmark(
     session: Session,
     inputs: Mapping[str, np.ndarray],
@@ -77,25 +122,7 @@ def benchmark(
     Runs ``runs`` times, or as many times as fit in ``duration`` seconds (default 2 s, at least
     10 runs).
     """
-    if runs is not None and duration is not None:
-        raise InputError("give runs or duration, not both")
-    if runs is not None and runs < 1:
-        raise InputError(f"runs must be at least 1, got {runs}")
     bound = session.bind(inputs)
-    for _ in range(max(0, warmup)):
-        bound.run()
-    limit = DEFAULT_DURATION_S if runs is None and duration is None else duration
-    latencies: list[float] = []
-    start = time.perf_counter()
-    while True:
-        begin = time.perf_counter()
-        bound.run()
-        latencies.append(time.perf_counter() - begin)
-        if on_run is not None:
-            on_run(len(latencies))
-        if runs is not None:
-            if len(latencies) >= runs:
-                break
-        elif time.perf_counter() - start >= limit and len(latencies) >= MIN_RUNS:
-            break
-    return summarize(latencies, batch=bound.batch)
+    return time_runs(
+        bound.run, batch=bound.batch, warmup=warmup, runs=runs, duration=duration, on_run=on_run
+    )

@@ -122,8 +122,8 @@ class Session:
                 os.fspath(path), options, providers=providers, provider_options=provider_opts
             )
 
-    def run(self, inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        """Run once; returns the outputs in graph order."""
+    def check_inputs(self, inputs: Mapping[str, np.ndarray]) -> None:
+        """Raise InputError naming the expected inputs when ``inputs`` do not match them."""
         missing = [name for name in self.input_names if name not in inputs]
         known = set(self.input_names) | set(self.overridable_names)
         unknown = [name for name in inputs if name not in known]
@@ -133,6 +133,10 @@ class Session:
                 f"unexpected {unknown or 'none'}",
                 hint=f"the model takes: {', '.join(self.input_names)}",
             )
+
+    def run(self, inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        """Run once; returns the outputs in graph order."""
+        self.check_inputs(inputs)
         feed = {name: np.asarray(value) for name, value in inputs.items()}
         return list(self._session.run(self.output_names, feed))
 
@@ -153,17 +157,49 @@ class Session:
         return run
 
 
+_ORT_DTYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8,
+    "tensor(bool)": np.bool_,
+}
+
+
+def _declared_outputs(session: ort.InferenceSession) -> list[tuple[list[int], type]] | None:
+    """Output shapes and dtypes when the model declares every dimension, else None."""
+    declared = []
+    for output in session.get_outputs():
+        shape, dtype = output.shape, _ORT_DTYPES.get(output.type)
+        if dtype is None or shape is None or not all(isinstance(d, int) for d in shape):
+            return None
+        declared.append((shape, dtype))
+    return declared
+
+
 class BoundRun:
     """A session with its inputs and outputs bound to the device: ``run()`` moves no data.
 
-    Inputs are copied to the device once; outputs are allocated there once, from the shapes of
-    a first ordinary run, so their addresses stay fixed (as CUDA graphs require). ``run()``
-    waits for the device to finish, so wall-clock timing around it is honest. ``outputs()``
-    copies the latest outputs back to the host.
+    Inputs are copied to the device once; outputs are allocated there once, so their addresses
+    stay fixed, as CUDA graphs require. Their shapes come from the model when it declares them
+    all (a CUDA-graph session must never run unbound: its first run is the capture), else from
+    one ordinary run. ``run()`` waits for the device to finish, so wall-clock timing around it
+    is honest. ``outputs()`` copies the latest outputs back to the host.
     """
 
     def __init__(self, session: Session, inputs: Mapping[str, np.ndarray]) -> None:
-        reference = session.run(inputs)  # validates the inputs, learns the output shapes
+        session.check_inputs(inputs)
+        shapes = _declared_outputs(session._session)
+        if shapes is None:
+            if session.cuda_graph:
+                raise InputError(
+                    "CUDA graphs need static output shapes, and this model has symbolic ones",
+                    hint="export with --static (and fixed --input-shape), or drop cuda_graph",
+                )
+            shapes = [(r.shape, r.dtype) for r in session.run(inputs)]
         device = session.ep
         self._session = session._session
         self._binding = self._session.io_binding()
@@ -174,8 +210,8 @@ class BoundRun:
         for name, value in self._inputs.items():
             self._binding.bind_ortvalue_input(name, value)
         self._outputs = [
-            ort.OrtValue.ortvalue_from_shape_and_type(list(r.shape), r.dtype, device, 0)
-            for r in reference
+            ort.OrtValue.ortvalue_from_shape_and_type(list(shape), dtype, device, 0)
+            for shape, dtype in shapes
         ]
         for name, value in zip(session.output_names, self._outputs, strict=True):
             self._binding.bind_ortvalue_output(name, value)

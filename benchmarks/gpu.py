@@ -21,7 +21,6 @@ import json
 import os
 import pathlib
 import sys
-import time
 
 # isort: off
 import torch  # first: it loads the CUDA libraries that onnxruntime-gpu links against
@@ -31,7 +30,7 @@ import onnxruntime as ort
 
 import onnxforge
 from onnxforge.backend import Session, benchmark, load_test
-from onnxforge.backend.benchmark import summarize
+from onnxforge.backend.benchmark import time_runs
 from onnxforge.samples import get_sample
 
 SAMPLES = ("digits-cnn", "resnet", "transformer")
@@ -77,21 +76,16 @@ def main() -> int:
                 Session(dynamic, ep="cpu"), feed, runs=max(20, args.runs // 10)
             )
             cuda = Session(dynamic, ep="cuda")
-            begin_runs = []
-            for _ in range(10):
-                cuda.run(feed)
-            for _ in range(args.runs):
-                begin = time.perf_counter()
-                cuda.run(feed)
-                begin_runs.append(time.perf_counter() - begin)
-            timings["cuda run()"] = summarize(begin_runs, batch=batch)
+            timings["cuda run()"] = time_runs(
+                lambda s=cuda, f=feed: s.run(f), batch=batch, warmup=10, runs=args.runs
+            )
             timings["cuda io-binding"] = benchmark(cuda, feed, warmup=10, runs=args.runs)
-            graph = Session(static, ep="cuda", cuda_graph=True)
-            timings["cuda io-binding + graph"] = benchmark(graph, feed, warmup=10, runs=args.runs)
+            graph = Session(static, ep="cuda", cuda_graph=True).bind(feed)
+            timings["cuda io-binding + graph"] = time_runs(
+                graph.run, batch=batch, warmup=10, runs=args.runs
+            )
             reference = Session(dynamic, ep="cpu").run(feed)
-            bound = graph.bind(feed)
-            bound.run()
-            error = onnxforge.backend.compare_outputs(reference, bound.outputs())
+            error = onnxforge.backend.compare_outputs(reference, graph.outputs())
             for mode, stats in timings.items():
                 rows.append(
                     {
