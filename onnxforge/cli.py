@@ -182,6 +182,19 @@ def _write_json(path: pathlib.Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
+def _print_near_misses(explainer) -> None:
+    table = Table(title=f"near-misses of {explainer.pass_name}", title_justify="left")
+    for column in ("#", "rule", "nodes", "reason"):
+        table.add_column(column)
+    for index, miss in explainer.near_misses:
+        table.add_row(
+            str(index), escape(miss.rule), escape(", ".join(miss.nodes)), escape(miss.reason)
+        )
+    if not explainer.near_misses:
+        table.add_row("", "(none)", "", "")
+    out.print(table)
+
+
 @app.command()
 def optimize(
     model: Annotated[pathlib.Path, typer.Argument(help="Input .onnx model (never overwritten).")],
@@ -233,12 +246,19 @@ def optimize(
         str | None,
         typer.Option("--print-ir", help="Print the IR to stderr: before, after or after-change."),
     ] = None,
+    explain: Annotated[
+        str | None,
+        typer.Option(
+            help="List this pass's near-misses (e.g. fuse): matches its checks refused, with "
+            "the reason each gave."
+        ),
+    ] = None,
 ) -> None:
     """Run a pipeline of passes over MODEL and write the result to -o, with per-pass checks."""
     from onnxforge.backend import load_inputs
     from onnxforge.io import load, save
     from onnxforge.optimize import optimize as run_optimize
-    from onnxforge.passes import PrintIR
+    from onnxforge.passes import Explain, PrintIR
     from onnxforge.presets import PRESETS
 
     text = PRESETS.get(pipeline, pipeline)
@@ -248,6 +268,9 @@ def optimize(
         if print_ir not in ("before", "after", "after-change"):
             raise typer.BadParameter("use before, after or after-change", param_hint="--print-ir")
         extra.append(PrintIR(print_ir, sink=lambda s: err.print(s, markup=False, highlight=False)))
+    explainer = Explain(explain) if explain is not None else None
+    if explainer is not None:
+        extra.append(explainer)
     with _progress() as progress:
         extra.append(_PassProgress(progress, progress.add_task("optimizing", total=None)))
         try:
@@ -280,6 +303,8 @@ def optimize(
     if ledger is not None:
         _write_json(ledger, {**result.as_dict(), "status": "ok"})
     out.print(_ledger_table(result.records, title=f"{model} -> {output}"))
+    if explainer is not None:
+        _print_near_misses(explainer)
     out.print(f"wrote {output} (pipeline: {result.pipeline})")
 
 

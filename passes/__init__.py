@@ -6,7 +6,9 @@ Importing this package registers onnxforge's own passes; third-party passes come
 
 from __future__ import annotations
 
-from onnxforge.passes import cleanup as _cleanup  # noqa: F401  (registers the pass)
+# Importing a pass module registers its pass.
+from onnxforge.passes import cleanup as _cleanup  # noqa: F401
+from onnxforge.passes import fuse as _fuse  # noqa: F401
 from onnxforge.passes.base import FunctionalPass, OptionSpec, Pass, PassBase, PassResult, Semantics
 from onnxforge.passes.bisect import BisectResult, bisect_pipeline
 from onnxforge.passes.cleanup import CleanupPass
@@ -14,6 +16,7 @@ from onnxforge.passes.instruments import (
     DEFAULT_TOLERANCES,
     Bisect,
     CrashReproducer,
+    Explain,
     Ledger,
     PrintIR,
     Timing,
@@ -54,6 +57,7 @@ __all__ = [
     "Bisect",
     "CrashReproducer",
     "PrintIR",
+    "Explain",
     "DEFAULT_TOLERANCES",
     "bisect_pipeline",
     "BisectResult",

@@ -43,6 +43,7 @@ __all__ = [
     "Bisect",
     "CrashReproducer",
     "PrintIR",
+    "Explain",
 ]
 
 logger = logging.getLogger(__name__)
@@ -316,3 +317,34 @@ class PrintIR(Instrument):
             self.when == "after-change" and model_fingerprint(model) != self._hash
         ):
             self._emit("after", record, model)
+
+
+class Explain(Instrument):
+    """Before each run of the named pass, ask it for its near-misses on the model it is given.
+
+    Works with passes that have an ``explain(model) -> list`` method (``fuse`` does: each item
+    names a rule, the nodes it matched, and the reason its check gave). The results are in
+    ``near_misses``, as (pass index, item) pairs.
+    """
+
+    def __init__(self, pass_name: str) -> None:
+        self.pass_name = pass_name
+        self.near_misses: list[tuple[int, Any]] = []
+        self._passes: Sequence[PassBase] = ()
+
+    def before_pipeline(self, model: ir.Model, passes: Sequence[PassBase]) -> None:
+        """Remember the pass instances, to reach their ``explain`` methods."""
+        self._passes = passes
+        named = [p for p in passes if p.name == self.pass_name]
+        if not named:
+            raise InputError(f"--explain {self.pass_name}: that pass is not in the pipeline")
+        if not hasattr(named[0], "explain"):
+            raise InputError(
+                f"pass '{self.pass_name}' cannot explain its near-misses", hint="fuse can"
+            )
+
+    def before_pass(self, record: PassRecord, model: ir.Model) -> None:
+        """Collect the near-misses on the model as this pass receives it."""
+        if record.name == self.pass_name:
+            pass_ = self._passes[record.index]
+            self.near_misses += [(record.index, miss) for miss in pass_.explain(model)]

@@ -38,6 +38,7 @@ SUBCOMMAND_OPTIONS = {
         "--ledger",
         "--reproducer",
         "--print-ir",
+        "--explain",
     ],
     "passes": ["--json"],
     "inspect": ["--json"],
@@ -487,3 +488,39 @@ def test_bench_bad_shape_is_a_usage_error(tiny_model_path, tmp_path):
     result = cli("bench", tiny_model_path, "--shape", "sequence", cwd=tmp_path)
     assert result.returncode == 2
     assert _error_lines(result) == [line for line in _error_lines(result) if "--shape" in line]
+
+
+def test_explain_lists_near_misses_with_reasons(tmp_path):
+    import onnx_ir as ir
+
+    model = ir.from_onnx_text(
+        """<ir_version: 10, opset_import: ["" : 20]>
+        g (float[1,2,4,4] x, float[1,3,4,4] z) => (float[1,3,4,4] y)
+            <float[3,2,1,1] w = {1.0, 2.0, 3.0, 4.0, 5.0, 6.0}> {
+            c = Conv(x, w)
+            y = Add(c, z)
+        }"""
+    )
+    path = onnxforge.save(model, tmp_path / "conv_add.onnx")
+    result = cli(
+        "optimize", path, "-o", "out.onnx", "-p", "fuse", "--explain", "fuse", cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    assert "near-misses of fuse" in result.stdout
+    assert "FoldAddIntoConvBias" in result.stdout and "not a constant" in result.stdout
+
+
+def test_explain_of_a_pass_not_in_the_pipeline(tiny_model_path, tmp_path):
+    result = cli(
+        "optimize",
+        tiny_model_path,
+        "-o",
+        "out.onnx",
+        "-p",
+        "cleanup",
+        "--explain",
+        "fuse",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    assert "not in the pipeline" in result.stderr

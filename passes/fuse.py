@@ -1,0 +1,368 @@
+"""``fuse``: rewrite chains of ops into the fused ops that ONNX Runtime has kernels for.
+
+Two rule sets, chosen with ``rules`` (both by default), for an execution-provider ``target``:
+
+- ``cnn``: Pad into Conv, MatMul + Add into Gemm (2-D), BatchNormalization into the Conv,
+  ConvTranspose or Gemm before it, an Add of a per-channel constant into the Conv's bias, and
+  Conv/Gemm + activation into ``com.microsoft`` FusedConv/FusedGemm where the target has that
+  kernel (CPU: both; CUDA: FusedConv with Relu);
+- ``transformer``: decomposed layer norm into LayerNormalization, erf- and tanh-form GELU into
+  ``com.microsoft`` Gelu/FastGelu, residual Add + LayerNormalization into
+  SkipLayerNormalization, scaled dot-product attention into MultiHeadAttention and Attention,
+  and bias + GELU into BiasGelu (onnxscript's ``ort_fusions``, with guards).
+
+Each family's module in ``onnxforge.passes.fusion_rules`` states its math. Every rewrite
+computes the same formula with a different rounding or summation order, so the pass is
+``reassociating``. No rule changes the formula: exact GELU is never replaced by the tanh
+approximation (a tanh-form GELU already in the model becomes FastGelu, which computes that
+same tanh formula). A rule never fires when an intermediate value of its pattern has another
+consumer or is a graph output (onnxscript's matcher refuses such matches). Rules reach into
+If/Loop/Scan bodies (onnxscript's rewriter walks them), not into model-local functions for
+the folds that need new initializers.
+
+The patterns match canonical graphs, so the pass first canonicalises a copy of the model:
+Identity nodes out, constant sub-expressions folded (onnxscript's folder, with its size
+limits), dead nodes out, shapes inferred. ``fuse`` is a functional pass: when no fusion fires
+it returns an unchanged copy with ``modified=False`` (canonicalising alone, or moving a Shape
+node to make room for a fusion that then did not happen, is not kept); when one does, it returns
+the canonicalised, fused copy. :func:`explain` reports near-misses: structural matches that a
+check refused, with the check's reason.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes import common as ir_common
+from onnxscript import optimizer as onnxscript_optimizer
+from onnxscript.rewriter import pattern
+from onnxscript.rewriter._basics import MatchingTracer, MatchResult, MatchStatus
+
+from onnxforge.passes.base import FunctionalPass, PassResult, Semantics
+from onnxforge.passes.cleanup import eliminate_identities
+from onnxforge.passes.fusion_rules import (
+    activation,
+    attention,
+    batchnorm,
+    conv_bias,
+    gelu,
+    gemm,
+    normalization,
+    pad_conv,
+)
+from onnxforge.passes.fusion_rules._values import constant_array, unique_initializer_name
+from onnxforge.passes.registry import register
+
+__all__ = [
+    "FusePass",
+    "NearMiss",
+    "explain",
+    "canonicalize",
+    "pack_constant_concats",
+    "RULE_SETS",
+    "TARGETS",
+    "DEFAULT_RULES",
+    "DEFAULT_TARGET",
+]
+
+logger = logging.getLogger(__name__)
+
+RULE_SETS = ("cnn", "transformer")
+TARGETS = ("cpu", "cuda")
+DEFAULT_RULES: tuple[str, ...] = RULE_SETS
+DEFAULT_TARGET = "cpu"
+
+# What onnxscript's matcher says when a full structural match is refused because an
+# intermediate value has another consumer or is a graph output.
+_OTHER_USES_REASON = "Matched nodes have other uses preventing replacement."
+
+
+@dataclasses.dataclass(frozen=True)
+class _Stage:
+    """Rules applied together, to the whole graph, before the next stage's."""
+
+    name: str
+    rules: Sequence[pattern.RewriteRule]
+    infer_shapes_after: bool = False  # the rewrite adds nodes that later stages read shapes of
+    fuses: bool = True  # False for stages that only make room for a fusion
+
+
+def _stages(rule_sets: Sequence[str], target: str) -> list[_Stage]:
+    """The stages in order: each family's rules see the graph its predecessors left."""
+    stages: list[_Stage] = []
+    if "cnn" in rule_sets:
+        stages += [
+            _Stage("pad-conv", pad_conv.rules(target)),
+            # before the BatchNormalization fold, which also folds into Gemm
+            _Stage("matmul-add-gemm", gemm.rules(target)),
+            _Stage("batchnorm", batchnorm.rules(target)),
+            _Stage("conv-bias", conv_bias.rules(target)),
+            # last: the fused ops are opaque to the folds above
+            _Stage("activation", activation.rules(target)),
+        ]
+    if "transformer" in rule_sets:
+        stages += [
+            _Stage("layer-norm", normalization.layer_norm_rules(target)),
+            _Stage("layer-norm-bias", normalization.layer_norm_bias_rules(target)),
+            _Stage("gelu", gelu.gelu_rules(target)),
+            _Stage("skip-layer-norm", normalization.skip_layer_norm_rules(target)),
+        ]
+        for name, rules in attention.attention_stages(target):
+            stages.append(
+                _Stage(
+                    name,
+                    rules,
+                    # SDPA's rewrite adds nodes whose shapes the MHA checks read
+                    infer_shapes_after=name == "sdpa",
+                    fuses=name != attention.SHAPE_READERS,
+                )
+            )
+        # after attention: BiasGelu must not take the Adds that the MHA bias fusion wants
+        stages.append(_Stage("bias-gelu", gelu.bias_gelu_rules(target)))
+    return stages
+
+
+def _infer_shapes(model: ir.Model) -> None:
+    # Not strict: ONNX's inference knows no com.microsoft op and would give up on the model.
+    ir_common.ShapeInferencePass(strict_mode=False)(model)
+
+
+def canonicalize(model: ir.Model) -> None:
+    """Bring ``model`` (in place) to the form the fusion patterns match.
+
+    Identity nodes out (they sit between the ops of a pattern), constant sub-expressions folded
+    (a Conv bias computed at run time from a constant blocks the BatchNormalization fold), dead
+    nodes out (they count as consumers), shapes inferred (checks read them).
+    """
+    eliminate_identities(model.graph)
+    onnxscript_optimizer.fold_constants(model)
+    eliminate_identities(model.graph)  # folding leaves Identity in place of no-op nodes
+    ir_common.RemoveUnusedNodesPass()(model)
+    _infer_shapes(model)
+
+
+def _apply_stage(model: ir.Model, stage: _Stage) -> int:
+    count = pattern.RewriteRuleSet(stage.rules).apply_to_model(model)
+    if count:
+        logger.debug("fuse: stage %s made %d rewrites", stage.name, count)
+        # matched nodes are gone; their inputs' producers (shape arithmetic) may be dead now
+        ir_common.RemoveUnusedNodesPass()(model)
+        if stage.infer_shapes_after:
+            _infer_shapes(model)
+    return count
+
+
+def pack_constant_concats(graph: ir.Graph) -> int:
+    """Replace each Concat of constants that nothing else reads with one initializer.
+
+    The attention fusions pack the Q, K and V weights and biases with Concat nodes; folding
+    them here (exactly: a copy of the values) saves the runtime from doing it at load time.
+    Returns the number of Concats replaced.
+    """
+    count = 0
+    for node in list(graph):
+        if node.op_type != "Concat" or node.domain not in ("", "ai.onnx"):
+            continue
+        parts = [constant_array(v) for v in node.inputs]
+        if not parts or any(p is None for p in parts):
+            continue
+        if any(len(v.uses()) != 1 or v.is_graph_output() for v in node.inputs):
+            continue
+        packed = node.outputs[0]
+        if packed.is_graph_output():
+            continue
+        name = unique_initializer_name(graph, f"{packed.name or 'packed'}_packed")
+        array = np.concatenate(parts, axis=node.attributes.get_int("axis", 0))
+        value = ir.Value(
+            name=name,
+            shape=ir.Shape(array.shape),
+            type=ir.TensorType(packed.dtype or ir.DataType.from_numpy(array.dtype)),
+            const_value=ir.tensor(array, name=name),
+        )
+        graph.register_initializer(value)
+        ir.convenience.replace_all_uses_with(packed, value)
+        graph.remove(node, safe=True)
+        count += 1
+    return count
+
+
+def _temporary_nodes(model: ir.Model) -> list[ir.Node]:
+    return [
+        node
+        for node in ir.traversal.RecursiveGraphIterator(model.graph)
+        if node.domain == attention.TEMPORARY_DOMAIN
+    ]
+
+
+def _validated_rules(rules: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(rules, str):
+        rules = [rules]
+    unknown = [r for r in rules if r not in RULE_SETS]
+    if unknown:
+        raise ValueError(
+            f"unknown rule set(s) {', '.join(map(repr, unknown))}; choices: {', '.join(RULE_SETS)}"
+        )
+    if not rules:
+        raise ValueError(f"rules names no rule set; choices: {', '.join(RULE_SETS)}")
+    return tuple(r for r in RULE_SETS if r in rules)  # one canonical order, no repeats
+
+
+@register
+class FusePass(FunctionalPass):
+    """Fuse op chains into ONNX Runtime's fused ops (CNN and transformer rule sets)."""
+
+    name = "fuse"
+    summary = (
+        "Fuse Conv+BatchNorm, Pad, bias, activations, LayerNorm, GELU, attention into "
+        "fused ops the target EP has kernels for."
+    )
+    semantics = Semantics.REASSOCIATING
+
+    def __init__(
+        self,
+        *,
+        rules: tuple[str, ...] = DEFAULT_RULES,
+        target: Literal["cpu", "cuda"] = DEFAULT_TARGET,
+    ) -> None:
+        if target not in TARGETS:
+            raise ValueError(f"unknown target {target!r}; choices: {', '.join(TARGETS)}")
+        self.rules = _validated_rules(rules)
+        self.target = target
+
+    def call(self, model: ir.Model) -> PassResult:
+        """Canonicalise and fuse a copy; an unchanged copy when no fusion fires."""
+        fused = model.clone()
+        canonicalize(fused)
+        counts: collections.Counter[str] = collections.Counter()
+        fusions = 0
+        for stage in _stages(self.rules, self.target):
+            count = _apply_stage(fused, stage)
+            counts[stage.name] += count
+            fusions += count if stage.fuses else 0
+        logger.info("fuse: %d fusions %s", fusions, {k: v for k, v in counts.items() if v})
+        if not fusions:
+            return PassResult(model.clone(), False)
+        pack_constant_concats(fused.graph)
+        ir_common.RemoveUnusedNodesPass()(fused)
+        return PassResult(fused, True)
+
+    def ensures(self, model: ir.Model) -> None:
+        """No temporary fusion op (which no runtime implements) is left in the model."""
+        left = _temporary_nodes(model)
+        if left:
+            raise AssertionError(
+                f"fuse left {len(left)} temporary {attention.TEMPORARY_DOMAIN} node(s): "
+                f"{', '.join(str(n.name) for n in left)}"
+            )
+
+    def explain(self, model: ir.Model) -> list[NearMiss]:
+        """The near-misses of this pass's rules on ``model`` (which is left unchanged)."""
+        return explain(model, rules=self.rules, target=self.target)
+
+
+# ---------------------------------------------------------------------------------------------
+# Near-misses
+
+
+@dataclasses.dataclass(frozen=True)
+class NearMiss:
+    """A structural match that a rule refused: which rule, on which nodes, and why."""
+
+    rule: str
+    nodes: tuple[str, ...]
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.rule} on {', '.join(self.nodes)}: {self.reason}"
+
+
+def _label(node: ir.Node) -> str:
+    """A node's name, or for an unnamed node its op and first output: ``Conv(c)``."""
+    if node.name:
+        return node.name
+    output = node.outputs[0].name if node.outputs else None
+    return f"{node.op_type}({output})" if output else node.op_type
+
+
+def _blocking_values(nodes: Sequence[ir.Node], root: ir.Node) -> list[str]:
+    """Why an otherwise matching pattern's nodes cannot be removed, one phrase per value."""
+    matched = set(nodes)
+    phrases = []
+    for node in nodes:
+        for value in node.outputs:
+            if node is root and value in root.outputs:
+                continue  # the pattern's own result
+            readers = [_label(user) for user, _ in value.uses() if user not in matched]
+            if value.is_graph_output():
+                phrases.append(f"'{value.name}' is a graph output")
+            elif readers:
+                phrases.append(f"'{value.name}' is also read by {', '.join(map(repr, readers))}")
+    return phrases
+
+
+class _NearMissTracer(MatchingTracer):
+    """Records every refused structural match (onnxscript's tracer keeps only the best)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.found: list[tuple[ir.Node, NearMiss]] = []
+
+    def log(self, rule, container, node, match_result: MatchResult, status: MatchStatus) -> None:
+        nodes = list(match_result.nodes) if match_result is not None else []
+        if status in (MatchStatus.CONDITION_FAILED, MatchStatus.REPLACEMENT_FAILED):
+            reason = match_result.reason or "the rule's check refused the match"
+        elif status is MatchStatus.NO_MATCH and match_result.reason == _OTHER_USES_REASON:
+            phrases = _blocking_values(nodes, node)
+            if not phrases:
+                return
+            reason = "an intermediate value has another use: " + "; ".join(phrases)
+        else:
+            return
+        names = tuple(_label(n) for n in nodes) or (_label(node),)
+        self.found.append((node, NearMiss(str(rule.name or rule), names, reason)))
+
+
+def explain(
+    model: ir.Model,
+    *,
+    rules: Sequence[str] = DEFAULT_RULES,
+    target: Literal["cpu", "cuda"] = DEFAULT_TARGET,
+) -> list[NearMiss]:
+    """Near-misses of ``fuse{rules,target}`` on ``model``: refused matches, with reasons.
+
+    Runs the pass's stages on a copy, tracing each stage before applying it, so that a later
+    stage's near-misses are found on the graph the earlier stages leave (only the main graph's
+    and subgraphs' nodes are traced, not model-local functions'). A refusal whose root
+    node some rule (another operand order, a later stage) fused after all is not reported.
+    The model is left unchanged.
+    """
+    rule_sets = FusePass(rules=tuple(rules), target=target).rules
+    work = model.clone()
+    canonicalize(work)
+    found: list[tuple[ir.Node, NearMiss]] = []
+    for stage in _stages(rule_sets, target):
+        # Traced on a copy: onnxscript builds each successful match's replacement even while
+        # tracing, and the unused replacement nodes stay behind as readers of graph values.
+        probe = work.clone()
+        in_work = dict(
+            zip(
+                ir.traversal.RecursiveGraphIterator(probe.graph),
+                ir.traversal.RecursiveGraphIterator(work.graph),
+                strict=True,
+            )
+        )
+        tracer = _NearMissTracer()
+        pattern.RewriteRuleSet(stage.rules).apply_to_model(probe, tracer=tracer)
+        found += [(in_work[root], miss) for root, miss in tracer.found if root in in_work]
+        _apply_stage(work, stage)
+    misses: list[NearMiss] = []
+    for root, miss in found:
+        if root.graph is not None and miss not in misses:
+            misses.append(miss)
+    return misses

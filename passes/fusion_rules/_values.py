@@ -1,0 +1,68 @@
+"""Reading what the fusion checks need from IR values: constants, static shapes, dtypes."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+__all__ = [
+    "FLOAT_TYPES",
+    "constant_array",
+    "known_dims",
+    "same_dims",
+    "describe",
+    "unique_initializer_name",
+]
+
+# The float types that the fused ops take.
+FLOAT_TYPES = frozenset(
+    {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
+)
+
+
+def describe(value: ir.Value | None) -> str:
+    """A value's name for a check's failure reason."""
+    if value is None:
+        return "<absent input>"
+    return f"'{value.name}'" if value.name else "<unnamed value>"
+
+
+def constant_array(value: ir.Value | None) -> np.ndarray | None:
+    """The value's contents when it is a constant (initializer or Constant output), else None.
+
+    An initializer that is also a graph input can be overridden at run time: not a constant.
+    """
+    if value is None or value.const_value is None or value.is_graph_input():
+        return None
+    return value.const_value.numpy()
+
+
+def known_dims(value: ir.Value | None) -> tuple[int | str, ...] | None:
+    """The value's dims (ints, or names of symbolic dims), or None when any is unknown."""
+    if value is None or value.shape is None:
+        return None
+    dims: list[int | str] = []
+    for dim in value.shape:
+        if isinstance(dim, int):
+            dims.append(dim)
+        elif dim.value is not None:
+            dims.append(dim.value)
+        else:
+            return None
+    return tuple(dims)
+
+
+def same_dims(a: ir.Value | None, b: ir.Value | None) -> bool:
+    """Both shapes are fully known and equal (symbolic dims by name)."""
+    dims_a, dims_b = known_dims(a), known_dims(b)
+    return dims_a is not None and dims_a == dims_b
+
+
+def unique_initializer_name(graph: ir.Graph | ir.Function, base: str) -> str:
+    """A name that no initializer of ``graph`` uses yet, made from ``base``."""
+    existing = graph.initializers if isinstance(graph, ir.Graph) else {}
+    name, index = base, 0
+    while name in existing:
+        index += 1
+        name = f"{base}_{index}"
+    return name
