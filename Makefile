@@ -29,5 +29,10 @@ lint: install
 test: install lint
 	$(BIN)/python -m pytest -q
 
+bench: install
+	$(BIN)/python -m pip install --quiet -e '.[bench]'
+	$(BIN)/python benchmarks/fusion.py
+	$(BIN)/python benchmarks/serving.py
+
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache .ruff_cache .hypothesis
