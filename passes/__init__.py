@@ -8,6 +8,8 @@ from __future__ import annotations
 
 # Importing a pass module registers its pass.
 from onnxforge.passes import cleanup as _cleanup  # noqa: F401
+from onnxforge.passes import fold_constants as _fold_constants  # noqa: F401
+from onnxforge.passes import fp16 as _fp16  # noqa: F401
 from onnxforge.passes import fuse as _fuse  # noqa: F401
 from onnxforge.passes.base import FunctionalPass, OptionSpec, Pass, PassBase, PassResult, Semantics
 from onnxforge.passes.bisect import BisectResult, bisect_pipeline

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import logging
 from collections.abc import Sequence
 from typing import Literal
@@ -40,12 +41,12 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import common as ir_common
-from onnxscript import optimizer as onnxscript_optimizer
 from onnxscript.rewriter import pattern
 from onnxscript.rewriter._basics import MatchingTracer, MatchResult, MatchStatus
 
 from onnxforge.passes.base import FunctionalPass, PassResult, Semantics
 from onnxforge.passes.cleanup import eliminate_identities
+from onnxforge.passes.fold_constants import FoldConstantsPass
 from onnxforge.passes.fusion_rules import (
     activation,
     attention,
@@ -93,8 +94,13 @@ class _Stage:
     fuses: bool = True  # False for stages that only make room for a fusion
 
 
-def _stages(rule_sets: Sequence[str], target: str) -> list[_Stage]:
-    """The stages in order: each family's rules see the graph its predecessors left."""
+@functools.cache
+def _stages(rule_sets: tuple[str, ...], target: str) -> tuple[_Stage, ...]:
+    """The stages in order: each family's rules see the graph its predecessors left.
+
+    Built once per (rule sets, target): the rules are stateless, and building them costs more
+    than applying them to a small graph.
+    """
     stages: list[_Stage] = []
     if "cnn" in rule_sets:
         stages += [
@@ -125,7 +131,7 @@ def _stages(rule_sets: Sequence[str], target: str) -> list[_Stage]:
             )
         # after attention: BiasGelu must not take the Adds that the MHA bias fusion wants
         stages.append(_Stage("bias-gelu", gelu.bias_gelu_rules(target)))
-    return stages
+    return tuple(stages)
 
 
 def _infer_shapes(model: ir.Model) -> None:
@@ -141,7 +147,9 @@ def canonicalize(model: ir.Model) -> None:
     nodes out (they count as consumers), shapes inferred (checks read them).
     """
     eliminate_identities(model.graph)
-    onnxscript_optimizer.fold_constants(model)
+    # our folder: onnxscript's own, with size limits checked before evaluating, the never-fold
+    # rules (random ops, Q/DQ, custom domains), and ops it would crash on left alone
+    FoldConstantsPass()(model)
     eliminate_identities(model.graph)  # folding leaves Identity in place of no-op nodes
     ir_common.RemoveUnusedNodesPass()(model)
     _infer_shapes(model)

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from onnxforge.backend import Session, compare_outputs
+from onnxforge.backend import Session, compare_outputs, make_inputs
 from onnxforge.passes import CleanupPass, PassManager, Semantics, VerifyNumerics, VerifyStructure
 
 from .conftest import (
@@ -284,15 +284,19 @@ def test_identity_chain_from_graph_input_to_graph_output() -> None:
     assert identity.inputs[0] is model.graph.inputs[0]
 
 
-def test_identity_with_multiple_consumers() -> None:
+@pytest.mark.parametrize(
+    "copy",
+    ["a = Identity(r)", "t = Transpose<perm=[0, 1]>(r)\n c = Cast<to=1>(t)\n a = Identity(c)"],
+)
+def test_identity_or_no_op_with_multiple_consumers(copy: str) -> None:
     model = check_cleanup(
-        """
-        g (float[N,4] x) => (float[N,4] y, float[N,4] z) {
+        f"""
+        g (float[N,4] x) => (float[N,4] y, float[N,4] z) <float[N,4] r> {{
             r = Relu(x)
-            a = Identity(r)
+            {copy}
             y = Neg(a)
             z = Exp(a)
-        }
+        }}
         """
     )
     assert op_counts(model) == {"Relu": 1, "Neg": 1, "Exp": 1}
@@ -384,30 +388,531 @@ def test_if_branch_returning_an_outer_value(else_body: str) -> None:
     check_cleanup(text, {"c": np.array(True), "x": np.ones((2, 4), np.float32)})
 
 
-def test_dropping_an_unused_optional_output_counts_as_a_change() -> None:
+@pytest.mark.parametrize("no_ops", [True, False])
+def test_dropping_an_unused_optional_output_counts_as_a_change(no_ops: bool) -> None:
+    # with no_ops=False the Dropout stays and only its unused mask output goes
     model = build("g (float[N,4] x) => (float[N,4] y) { y, mask = Dropout(x) }")
     before = as_text(model)
-    modified = cleanup(model)
+    modified = cleanup(model, no_ops=no_ops)
+    assert modified is True
     assert modified == (as_text(model) != before)
+    assert op_counts(model) == ({"Identity": 1} if no_ops else {"Dropout": 1})
+
+
+# ---------------------------------------------------------------------------------------------
+# No-op elimination: Transpose, Cast, Reshape, Expand, Slice, Dropout
+
+
+def check_unchanged(text: str, **options) -> ir.Model:
+    """Cleanup leaves the model exactly as it is and says so."""
+    model = build(text)
+    before = as_text(model)
+    assert cleanup(model, **options) is False
+    assert as_text(model) == before
+    return model
+
+
+# (shape of x, initializers, the line that computes t from a = Relu(x)); t is a no-op of a
+NO_OPS = {
+    "transpose": ("2,4", "", "t = Transpose<perm=[0, 1]>(a)"),
+    "transpose-rank-3": ("2,3,4", "", "t = Transpose<perm=[0, 1, 2]>(a)"),
+    "cast": ("N,4", "", "t = Cast<to=1>(a)"),
+    "reshape-static": ("2,4", "int64[2] s = {2, 4}", "t = Reshape(a, s)"),
+    "reshape-copy-dim": ("N,4", "int64[2] s = {0, 4}", "t = Reshape(a, s)"),
+    "reshape-minus-one": ("N,4", "int64[2] s = {-1, 4}", "t = Reshape(a, s)"),
+    "reshape-constant-node": (
+        "2,4",
+        "",
+        "s = Constant<value = int64[2] {2, 4}>()\n t = Reshape(a, s)",
+    ),
+    "expand-same": ("2,4", "int64[2] s = {2, 4}", "t = Expand(a, s)"),
+    "expand-ones": ("N,4", "int64[2] s = {1, 1}", "t = Expand(a, s)"),
+    "expand-lower-rank": ("N,4", "int64[1] s = {4}", "t = Expand(a, s)"),
+    "slice-to-int64-max": (
+        "N,4",
+        "int64[1] st = {0}, int64[1] en = {9223372036854775807}",
+        "t = Slice(a, st, en)",
+    ),
+    "slice-axes-steps": (
+        "2,4",
+        "int64[2] st = {-2, 0}, int64[2] en = {2, 100}, int64[2] ax = {0, -1}, "
+        "int64[2] sp = {1, 1}",
+        "t = Slice(a, st, en, ax, sp)",
+    ),
+    "dropout": ("N,4", "", "t = Dropout(a)"),
+    "dropout-ratio": ("N,4", "float r = {0.5}", "t = Dropout(a, r)"),
+    "dropout-training-false": (
+        "N,4",
+        "float r = {0.5}, bool tm = {0}",
+        "t = Dropout(a, r, tm)",
+    ),
+    "dropout-unused-mask": ("N,4", "", "t, mask = Dropout(a)"),
+}
+
+
+def no_op_text(shape: str, initializers: str, line: str, *, tail: str = "y = Neg(t)") -> str:
+    """``a = Relu(x)``, the line under test, then ``tail``; ``a`` carries its type and shape."""
+    declarations = ", ".join(filter(None, [initializers, f"float[{shape}] a"]))
+    return f"""
+        g (float[{shape}] x) => (float[{shape}] y) <{declarations}> {{
+            a = Relu(x)
+            {line}
+            {tail}
+        }}
+        """
+
+
+@pytest.mark.parametrize("case", NO_OPS)
+def test_no_op_removed(case: str) -> None:
+    model = check_cleanup(no_op_text(*NO_OPS[case]))
+    assert op_counts(model) == {"Relu": 1, "Neg": 1}
+    relu, neg = model.graph
+    assert neg.inputs[0] is relu.outputs[0]
+    assert dict(model.graph.initializers) == {}
+
+
+@pytest.mark.parametrize("case", NO_OPS)
+def test_no_op_producing_a_graph_output(case: str) -> None:
+    # the no-op's output is the graph output: the Relu takes over its name
+    model = check_cleanup(no_op_text(*NO_OPS[case], tail="y = Identity(t)"))
+    assert op_counts(model) == {"Relu": 1}
+    assert model.graph.outputs[0].producer().op_type == "Relu"
+
+
+@pytest.mark.parametrize("case", ["transpose", "cast", "reshape-static", "dropout"])
+def test_no_op_from_a_graph_input_to_a_graph_output_keeps_both_names(case: str) -> None:
+    shape, initializers, line = NO_OPS[case]
+    declarations = f" <{initializers}>" if initializers else ""
+    line = line.replace("(a", "(x").replace("t = ", "y = ").replace("t, mask = ", "y, mask = ")
+    model = check_cleanup(f"g (float[{shape}] x) => (float[{shape}] y){declarations} {{ {line} }}")
+    assert op_counts(model) == {"Identity": 1}
+    (identity,) = model.graph
+    assert identity.inputs[0] is model.graph.inputs[0]
+
+
+def test_no_ops_copied_to_two_graph_outputs_keep_their_names() -> None:
+    model = check_cleanup(
+        """
+        g (float[N,4] x) => (float[N,4] y, float[N,4] z) <float[N,4] a> {
+            a = Relu(x)
+            y = Transpose<perm=[0, 1]>(a)
+            z = Cast<to=1>(a)
+        }
+        """
+    )
+    assert op_counts(model) == {"Relu": 1, "Identity": 1}
+
+
+def test_no_op_whose_input_is_a_graph_output() -> None:
+    model = check_cleanup(
+        """
+        g (float[N,4] x) => (float[N,4] a, float[N,4] y) <float[N,4] a> {
+            a = Relu(x)
+            t = Transpose<perm=[0, 1]>(a)
+            y = Neg(t)
+        }
+        """
+    )
+    assert op_counts(model) == {"Relu": 1, "Neg": 1}
+
+
+# (shape of x, type of y, initializers, the line that computes y from a = Relu(x))
+NOT_NO_OPS = {
+    "transpose-swaps-axes": ("4,4", "float[4,4]", "", "y = Transpose<perm=[1, 0]>(a)"),
+    "cast-to-double": ("N,4", "double[N,4]", "", "y = Cast<to=11>(a)"),
+    "reshape-changes-shape": ("2,4", "float[4,2]", "int64[2] s = {4, 2}", "y = Reshape(a, s)"),
+    "reshape-changes-rank": ("2,4", "float[8]", "int64[1] s = {8}", "y = Reshape(a, s)"),
+    "reshape-ambiguous-minus-one": (
+        "N,4",
+        "float[N,4]",
+        "int64[2] s = {0, -1}",
+        "y = Reshape(a, s)",
+    ),
+    "reshape-allowzero": (
+        "N,4",
+        "float[0,4]",
+        "int64[2] s = {0, 4}",
+        "y = Reshape<allowzero=1>(a, s)",
+    ),
+    "expand-broadcasts": ("N,1", "float[N,4]", "int64[2] s = {1, 4}", "y = Expand(a, s)"),
+    "expand-raises-rank": ("N,4", "float[2,N,4]", "int64[3] s = {2, 1, 4}", "y = Expand(a, s)"),
+    "slice-start": (
+        "N,4",
+        "float[N,4]",
+        "int64[1] st = {1}, int64[1] en = {9223372036854775807}",
+        "y = Slice(a, st, en)",
+    ),
+    "slice-end": (
+        "N,4",
+        "float[N,3]",
+        "int64[1] st = {0}, int64[1] en = {3}, int64[1] ax = {1}",
+        "y = Slice(a, st, en, ax)",
+    ),
+    "slice-end-of-dynamic-dim": (
+        "N,4",
+        "float[N,4]",
+        "int64[1] st = {0}, int64[1] en = {100}",
+        "y = Slice(a, st, en)",
+    ),
+    "slice-step": (
+        "2,4",
+        "float[1,4]",
+        "int64[1] st = {0}, int64[1] en = {2}, int64[1] ax = {-2}, int64[1] sp = {3}",
+        "y = Slice(a, st, en, ax, sp)",
+    ),
+    "dropout-training": (
+        "N,4",
+        "float[N,4]",
+        "float r = {0.5}, bool tm = {1}",
+        "y = Dropout(a, r, tm)",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", NOT_NO_OPS)
+def test_not_a_no_op_stays(case: str) -> None:
+    shape, output, initializers, line = NOT_NO_OPS[case]
+    declarations = ", ".join(filter(None, [initializers, f"float[{shape}] a"]))
+    check_unchanged(
+        f"g (float[{shape}] x) => ({output} y) <{declarations}> {{ a = Relu(x)\n {line} }}"
+    )
+
+
+@pytest.mark.parametrize(
+    "line",
+    ["y = Reshape(a, s)", "y = Expand(a, s)"],
+)
+def test_shape_that_the_caller_can_override_is_not_a_constant(line: str) -> None:
+    # s is a graph input with a default: the caller may feed another shape
+    check_unchanged(
+        f"""
+        g (float[2,4] x, int64[2] s) => (float[2,4] y) <int64[2] s = {{2, 4}}, float[2,4] a> {{
+            a = Relu(x)
+            {line}
+        }}
+        """
+    )
+
+
+def test_slice_bounds_that_the_caller_can_override_are_not_constants() -> None:
+    check_unchanged(
+        """
+        g (float[2,4] x, int64[1] en) => (float[2,4] y)
+            <int64[1] st = {0}, int64[1] en = {9223372036854775807}, float[2,4] a> {
+            a = Relu(x)
+            y = Slice(a, st, en)
+        }
+        """
+    )
+
+
+def test_cast_of_a_value_of_unknown_type_stays() -> None:
+    check_unchanged("g (float[N,4] x) => (float[N,4] y) { a = Relu(x)\n y = Cast<to=1>(a) }")
+
+
+def test_dropout_with_a_training_mode_input_stays() -> None:
+    check_unchanged(
+        "g (float[N,4] x, bool tm) => (float[N,4] y) { a = Relu(x)\n y = Dropout(a, , tm) }"
+    )
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        # the mask is a graph output
+        "g (float[N,4] x) => (float[N,4] y, bool[N,4] m) { a = Relu(x)\n y, m = Dropout(a) }",
+        # the mask is read by another node
+        """g (float[N,4] x) => (float[N,4] y, bool[N,4] n) {
+            a = Relu(x)
+            y, m = Dropout(a)
+            n = Not(m)
+        }""",
+    ],
+)
+def test_dropout_whose_mask_is_used_stays(text: str) -> None:
+    model = check_unchanged(text)
+    inputs = inputs_for(model)
+    outputs = run(model, inputs)
+    np.testing.assert_array_equal(outputs[0], np.maximum(inputs["x"], 0))
+
+
+def test_no_ops_option_off_keeps_them() -> None:
+    text = no_op_text(*NO_OPS["transpose"])
+    check_unchanged(text, no_ops=False)
+    model = build(text)
+    assert cleanup(model) is True
+    assert "Transpose" not in op_counts(model)
+
+
+def test_no_op_inside_an_if_branch() -> None:
+    model = check_cleanup(
+        """
+        g (bool c, float[N,4] x) => (float[N,4] y) {
+            y = If(c) <
+                then_branch = t () => (float[N,4] ty) {
+                    ta = Transpose<perm=[0, 1]>(x)
+                    ty = Neg(ta)
+                },
+                else_branch = e () => (float[N,4] ey) {
+                    s = Constant<value = int64[1] {0}>()
+                    n = Constant<value = int64[1] {9223372036854775807}>()
+                    ea = Slice(x, s, n)
+                    ey = Relu(ea)
+                }
+            >
+        }
+        """,
+        {"c": np.array(False), "x": np.random.default_rng(2).standard_normal((3, 4), np.float32)},
+    )
+    assert op_counts(model) == {"If": 1, "Neg": 1, "Relu": 1}
+
+
+# ---------------------------------------------------------------------------------------------
+# Common-subexpression elimination
+
+
+def test_cse_merges_identical_adds() -> None:
+    model = check_cleanup(
+        """
+        g (float[N,4] x) => (float[N,4] y) <float[4] w = {1.0, 2.0, 3.0, 4.0}> {
+            a = Add(x, w)
+            b = Add(x, w)
+            y = Mul(a, b)
+        }
+        """
+    )
+    assert op_counts(model) == {"Add": 1, "Mul": 1}
+    add, mul = model.graph
+    assert mul.inputs[0] is mul.inputs[1] is add.outputs[0]
+
+
+def test_cse_merges_chains_and_what_earlier_steps_expose() -> None:
+    # the two Adds read duplicate weights, the two Relus read x directly and through an Identity
+    model = check_cleanup(
+        """
+        g (float[N,4] x) => (float[N,4] y)
+            <float[4] w1 = {1.0, 2.0, 3.0, 4.0}, float[4] w2 = {1.0, 2.0, 3.0, 4.0}> {
+            i = Identity(x)
+            r1 = Relu(x)
+            r2 = Relu(i)
+            a1 = Add(r1, w1)
+            a2 = Add(r2, w2)
+            t2 = Transpose<perm=[0, 1]>(a2)
+            e1 = Exp(a1)
+            e2 = Exp(t2)
+            y = Sub(e1, e2)
+        }
+        """
+    )
+    assert op_counts(model) == {"Relu": 1, "Add": 1, "Exp": 1, "Sub": 1}
+
+
+def test_cse_keeps_nodes_that_differ() -> None:
+    check_unchanged(
+        """
+        g (float[N,4] x) => (float[N,4] y) <float[4] w = {1.0, 2.0, 3.0, 4.0}> {
+            a = Softmax<axis=0>(x)
+            b = Softmax<axis=1>(x)
+            c = Add(x, w)
+            d = Add(w, x)
+            e = Add(a, b)
+            f = Add(c, d)
+            y = Add(e, f)
+        }
+        """
+    )
+
+
+def test_cse_of_two_graph_outputs_keeps_both_names() -> None:
+    model = check_cleanup(
+        "g (float[N,4] x) => (float[N,4] y, float[N,4] z) { y = Relu(x)\n z = Relu(x) }"
+    )
+    assert op_counts(model) == {"Relu": 1, "Identity": 1}
+
+
+def test_cse_inside_an_if_branch_and_a_function() -> None:
+    model = check_cleanup(
+        """
+        <ir_version: 10, opset_import: ["" : 20, "local" : 1]>
+        g (bool c, float[N,4] x) => (float[N,4] y) {
+            y = If(c) <
+                then_branch = t () => (float[N,4] ty) {
+                    a = Neg(x)
+                    b = Neg(x)
+                    ty = Add(a, b)
+                },
+                else_branch = e () => (float[N,4] ey) { ey = local.twice(x) }
+            >
+        }
+        <domain: "local", opset_import: ["" : 20]>
+        twice (p) => (q) {
+            m = Exp(p)
+            n = Exp(p)
+            q = Add(m, n)
+        }
+        """,
+        {"c": np.array(True), "x": np.random.default_rng(3).standard_normal((2, 4), np.float32)},
+    )
+    assert op_counts(model) == {"If": 1, "Neg": 1, "Add": 1, "twice": 1}
+    (function,) = model.functions.values()
+    assert [n.op_type for n in function] == ["Exp", "Add"]
+
+
+def test_cse_option_off() -> None:
+    text = "g (float[N,4] x) => (float[N,4] y) { a = Relu(x)\n b = Relu(x)\n y = Add(a, b) }"
+    check_unchanged(text, cse=False)
+    model = check_cleanup(text)
+    assert op_counts(model) == {"Relu": 1, "Add": 1}
+
+
+RANDOM_PAIRS = {
+    "RandomNormal": "a = RandomNormal<shape=[2, 4]>()\n b = RandomNormal<shape=[2, 4]>()",
+    "RandomUniform": "a = RandomUniform<shape=[2, 4]>()\n b = RandomUniform<shape=[2, 4]>()",
+    "RandomNormalLike": "a = RandomNormalLike(x)\n b = RandomNormalLike(x)",
+    "RandomUniformLike": "a = RandomUniformLike(x)\n b = RandomUniformLike(x)",
+    "Bernoulli": "p = Sigmoid(x)\n a = Bernoulli(p)\n b = Bernoulli(p)",
+    "Multinomial": "a = Multinomial<sample_size=4, dtype=1>(x)\n"
+    " b = Multinomial<sample_size=4, dtype=1>(x)",
+    "Dropout-training": "a, am = Dropout(x, r, tm)\n b, bm = Dropout(x, r, tm)",
+}
+
+
+@pytest.mark.parametrize("op", RANDOM_PAIRS)
+def test_cse_never_merges_random_ops(op: str) -> None:
+    # Neg(x) twice shows that CSE ran; the random pair must survive it
+    model = build(
+        f"""
+        g (float[2,4] x) => (float[2,4] y, float[2,4] z)
+            <float r = {{0.5}}, bool tm = {{1}}> {{
+            {RANDOM_PAIRS[op]}
+            y = Sub(a, b)
+            n1 = Neg(x)
+            n2 = Neg(x)
+            z = Add(n1, n2)
+        }}
+        """
+    )
+    assert cleanup(model) is True
+    counts = op_counts(model)
+    assert counts["Neg"] == 1
+    assert counts[op.partition("-")[0]] == 2
+    assert not any(  # the temporary markers are gone, the random ops' attributes are back
+        key.startswith("onnxforge.")
+        for node in ir.traversal.RecursiveGraphIterator(model.graph)
+        for key in node.attributes
+    )
+    for node in model.graph:
+        if node.op_type in ("RandomNormal", "RandomUniform"):
+            assert list(node.attributes["shape"].as_ints()) == [2, 4]
+        if node.op_type == "Multinomial":
+            assert node.attributes["sample_size"].as_int() == 4
+    if op != "Multinomial":  # two independent draws differ: a - b is not all zeros
+        # (ONNX Runtime's own CSE merges two Bernoulli nodes: run without its optimizations)
+        session = Session(model, graph_optimization="none")
+        y, _ = session.run({"x": np.random.default_rng(4).random((2, 4), np.float32)})
+        assert np.any(y != 0)
+
+
+def test_cse_never_merges_custom_ops() -> None:
+    check_unchanged(
+        """
+        <ir_version: 10, opset_import: ["" : 20, "custom.domain" : 1]>
+        g (float[N,4] x) => (float[N,4] y) {
+            a = custom.domain.Sample(x)
+            b = custom.domain.Sample(x)
+            y = Add(a, b)
+        }
+        """
+    )
+
+
+def test_cse_skips_nodes_whose_attributes_it_cannot_compare() -> None:
+    # onnx-ir's CSE raises on Optional's type attribute (ONNX's node case test_if_opt)
+    model = check_unchanged(
+        """
+        g (float[4] x) => (bool y, bool z) {
+            a = Optional<type = float[4]>()
+            b = Optional<type = float[4]>()
+            y = OptionalHasElement(a)
+            z = OptionalHasElement(b)
+        }
+        """
+    )
+    assert run(model, {"x": np.ones(4, np.float32)}) == [False, False]
+
+
+def test_cse_markers_are_removed_when_cse_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    from onnx_ir.passes.common import CommonSubexpressionEliminationPass
+
+    def fail(self, model):
+        raise RuntimeError("CSE failed")
+
+    monkeypatch.setattr(CommonSubexpressionEliminationPass, "call", fail)
+    model = build(
+        "g (float[N,4] x) => (float[N,4] y) "
+        "{ a = RandomNormalLike<seed=2.0, scale=3.0>(x)\n y = Add(a, x) }"
+    )
+    before = as_text(model)
+    with pytest.raises(RuntimeError, match="CSE failed"):
+        cleanup(model)
+    assert as_text(model) == before  # the random node has its own attributes back
+
+
+# ---------------------------------------------------------------------------------------------
+# Exported samples: cleanup is bit-exact on real models
+
+
+@pytest.mark.parametrize("sample", ["seed-cnn", "transformer"])
+def test_exported_sample_stays_bit_exact(sample: str) -> None:
+    import onnxforge
+
+    original = onnxforge.export(sample)
+    model = original.clone()
+    inputs = make_inputs(model, batch=2)
+    nodes_before = sum(op_counts(model).values())
+    assert cleanup(model) is True  # both exports hold an Identity; the transformer, no-ops
+    assert sum(op_counts(model).values()) < nodes_before
+    assert_valid(model)
+    assert_bitwise_equal(run(original, inputs), run(model, inputs))
+    assert cleanup(model) is False
 
 
 # ---------------------------------------------------------------------------------------------
 # Property: random small graphs
 
 _UNARY = ("Relu", "Neg", "Identity", "Abs")
+# No-ops that cleanup removes: Transpose with the identity perm, Cast to float, Reshape to the
+# value's own shape (the perm and the shape follow the argument's rank, see _call).
+_NO_OPS = ("Transpose", "Cast", "Reshape")
 _BINARY = ("Add", "Mul", "Sub")
-_OPS = (*_UNARY, "Identity", "Identity", *_BINARY)  # Identity is what cleanup is most about
+# Identity and the no-ops are what cleanup is most about
+_OPS = (*_UNARY, "Identity", "Identity", *_NO_OPS, *_BINARY)
 # A small pool of weight values, so that duplicate initializers are common.
 _WEIGHT_POOL = ((1.0, 2.0, 3.0), (0.5, -1.0, 2.0), (-2.0, 0.25, 1.5))
+# The target shapes of the no-op Reshapes, one per shape that a value can have.
+_SHAPE_INITIALIZERS = "int64[2] s23 = {2, 3}, int64[1] s3 = {3}"
+
+
+def _call(op: str, args: list[str], shape: str) -> str:
+    """The right-hand side of ``op`` on ``args``; ``shape`` is the shape of the first one."""
+    rank2 = shape == "2,3"
+    if op == "Transpose":
+        return f"Transpose<perm={'[0, 1]' if rank2 else '[0]'}>({args[0]})"
+    if op == "Cast":
+        return f"Cast<to=1>({args[0]})"
+    if op == "Reshape":
+        return f"Reshape({args[0]}, {'s23' if rank2 else 's3'})"
+    return f"{op}({', '.join(args)})"
 
 
 @st.composite
 def random_graphs(draw) -> tuple[str, list[str]]:
     """ONNX text of a random DAG of elementwise ops over x: float[2,3] and float[3] weights.
 
-    Some weights repeat, some nodes and weights are dead, Identity nodes appear anywhere (also
-    in front of graph outputs and on weights). Graph outputs are any distinct node outputs,
-    Identity copies of one value included.
+    Some weights repeat, some nodes and weights are dead, Identity nodes and no-ops appear
+    anywhere (also in front of graph outputs and on weights), and equal nodes are common. Graph
+    outputs are any distinct node outputs, Identity copies of one value included. Every
+    intermediate value carries its type and shape, as an exporter's would.
     """
     weights = draw(st.lists(st.sampled_from(_WEIGHT_POOL), max_size=4))
     shapes = {"x": "2,3", **{f"w{i}": "3" for i in range(len(weights))}}
@@ -416,20 +921,22 @@ def random_graphs(draw) -> tuple[str, list[str]]:
     for index in range(draw(st.integers(min_value=1, max_value=10))):
         out = f"v{index}"
         op = draw(st.sampled_from(_OPS))
-        args = [draw(st.sampled_from(values)) for _ in range(1 if op in _UNARY else 2)]
-        lines.append(f"{out} = {op}({', '.join(args)})")
+        args = [draw(st.sampled_from(values)) for _ in range(2 if op in _BINARY else 1)]
+        lines.append(f"{out} = {_call(op, args, shapes[args[0]])}")
         shapes[out] = "2,3" if any(shapes[a] == "2,3" for a in args) else "3"
         values.append(out)
     candidates = draw(st.permutations(values[1 + len(weights) :]))
     count = draw(st.integers(min_value=1, max_value=3))
     outputs = list(candidates[:count])
-    initializers = ", ".join(
-        f"float[3] w{i} = {{{', '.join(map(str, w))}}}" for i, w in enumerate(weights)
-    )
+    declarations = [f"float[3] w{i} = {{{', '.join(map(str, w))}}}" for i, w in enumerate(weights)]
+    declarations.append(_SHAPE_INITIALIZERS)
+    declarations += [
+        f"float[{shapes[v]}] {v}" for v in values[1 + len(weights) :] if v not in outputs
+    ]
     signature = ", ".join(f"float[{shapes[o]}] {o}" for o in outputs)
     body = "\n    ".join(lines)
-    text = f"g (float[2,3] x) => ({signature}) <{initializers}> {{\n    {body}\n}}"
-    return text.replace(" <> ", " "), outputs
+    text = f"g (float[2,3] x) => ({signature}) <{', '.join(declarations)}> {{\n    {body}\n}}"
+    return text, outputs
 
 
 @settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -443,6 +950,8 @@ def test_random_graphs(graph, seed: int) -> None:
     # no dead node: every node output is used or is a graph output
     for node in model.graph:
         assert any(out.uses() or out in graph_outputs for out in node.outputs), text
+    # no no-op is left
+    assert not set(op_counts(model)) & set(_NO_OPS), text
     # Identity only where it must stay: into a graph output, from a graph input, a weight or
     # another graph output (two outputs that are copies of one value keep both their names)
     for node in model.graph:
@@ -452,6 +961,13 @@ def test_random_graphs(graph, seed: int) -> None:
             assert source.is_graph_input() or source.is_initializer() or source in graph_outputs, (
                 text
             )
+    # no common subexpression is left: no two nodes apply one op to the same values
+    computed = collections.Counter(
+        (node.op_type, tuple(id(v) for v in node.inputs))
+        for node in model.graph
+        if node.op_type != "Identity"
+    )
+    assert all(n == 1 for n in computed.values()), text
     # no dead and no duplicate weights
     contents = collections.Counter()
     for value in model.graph.initializers.values():
