@@ -1,18 +1,34 @@
 """Preset pipelines. Each reads top to bottom, one line per pass, with why it sits there.
 
-Passes join these presets as their issues land (folding, fusion, pruning, quantization).
+Pruning, quantization and fp16 are not in the default: they lose accuracy, so a user asks for
+them (with a budget) rather than getting them silently.
 """
 
 from __future__ import annotations
 
-__all__ = ["DEFAULT_PIPELINE", "PRESETS"]
+__all__ = ["DEFAULT_PIPELINE", "CUDA_PIPELINE", "PRESETS"]
 
 DEFAULT_PIPELINE = ",".join(
     [
-        # First: drop Identity nodes, duplicate weights and dead code that export leaves
-        # behind, so every later pass sees the smallest graph and its counts mean something.
+        # First: evaluate what is constant (the exporter's shape arithmetic, weight
+        # transposes), so that the patterns below see constants where the math has them.
+        "fold-constants",
+        # Then drop what folding and export leave behind: Identity and no-op nodes, duplicate
+        # weights, common subexpressions, dead nodes. Fusion patterns match a clean graph.
         "cleanup",
+        # Last: fuse Conv+BatchNorm, bias and activations, LayerNorm, GELU and attention into
+        # ONNX Runtime's fused kernels. Fused ops are opaque to the passes above, so they go last.
+        "fuse",
     ]
 )
 
-PRESETS = {"default": DEFAULT_PIPELINE}
+CUDA_PIPELINE = ",".join(
+    [
+        "fold-constants",  # as above
+        "cleanup",  # as above
+        "fuse{target=cuda}",  # only the fused ops ONNX Runtime's CUDA provider has kernels for
+        "fp16",  # half precision for tensor cores; sensitive ops stay in float32
+    ]
+)
+
+PRESETS = {"default": DEFAULT_PIPELINE, "cuda": CUDA_PIPELINE}
