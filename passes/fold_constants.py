@@ -60,6 +60,7 @@ from onnxscript.optimizer import _constant_folding
 
 from onnxforge.passes.base import Pass, PassResult, Semantics
 from onnxforge.passes.registry import register
+from onnxforge.passes.statistics import iter_graphs
 
 __all__ = [
     "FoldConstantsPass",
@@ -311,6 +312,23 @@ class _Folder(_constant_folding.FoldConstantsPass):
             return None
 
 
+def _make_contiguous(model: ir.Model) -> None:
+    """Give folded tensors C-contiguous memory.
+
+    The evaluator returns views (a folded Transpose is a strided view of its input); hashing,
+    serialising and some runtimes need contiguous bytes. Only in-memory numpy tensors are
+    touched, never external (memory-mapped) weights.
+    """
+    for graph in iter_graphs(model):
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if isinstance(tensor, ir.Tensor) and isinstance(tensor.raw, np.ndarray):
+                if not tensor.raw.flags["C_CONTIGUOUS"]:
+                    value.const_value = ir.tensor(
+                        np.ascontiguousarray(tensor.raw), name=tensor.name
+                    )
+
+
 @register
 class FoldConstantsPass(Pass):
     """Evaluate subgraphs whose inputs are all constant and store the results as constants.
@@ -377,6 +395,7 @@ class FoldConstantsPass(Pass):
                 "fold-constants: not folding anything: %s (%s): %s", label, node.op_type, reason
             )
             return PassResult(model, False)
+        _make_contiguous(model)
         return PassResult(model, True)
 
     def _first_rejected_node(self, nodes: Iterable[ir.Node]) -> tuple[ir.Node, str] | None:

@@ -32,7 +32,7 @@ from onnxforge.passes.fold_constants import (
     SkippedNode,
 )
 
-from .conftest import as_text, assert_valid, build, inputs_for, op_counts, run
+from .conftest import as_text, assert_bitwise_equal, assert_valid, build, inputs_for, op_counts, run
 
 TOLERANCE = DEFAULT_TOLERANCES[Semantics.REASSOCIATING]  # relative L2
 
@@ -931,3 +931,27 @@ def test_random_graphs(graph, seed: int) -> None:
     settled = as_text(model)
     assert fold(model)[0] is False, text
     assert as_text(model) == settled
+
+
+def test_folded_transpose_is_contiguous_and_cleanup_can_hash_it() -> None:
+    # A folded Transpose is a strided numpy view; cleanup's de-duplication hashes raw bytes.
+    from onnxforge.passes import PassManager
+
+    model = build(
+        """
+        g (float[3,2] x) => (float[3,2] y, float[3,2] z)
+            <float[2,3] w = {1.0, 2.0, 3.0, 4.0, 5.0, 6.0}> {
+            t = Transpose<perm = [1, 0]>(w)
+            y = Add(x, t)
+            u = Transpose<perm = [1, 0]>(w)
+            z = Mul(x, u)
+        }
+        """
+    )
+    inputs = {"x": np.arange(6, dtype=np.float32).reshape(3, 2)}
+    expected = run(model, inputs)
+    result = PassManager("fold-constants,cleanup").run(model)
+    for value in result.model.graph.initializers.values():
+        assert value.const_value.numpy().flags["C_CONTIGUOUS"], value.name
+    assert not [n for n in result.model.graph if n.op_type == "Transpose"]
+    assert_bitwise_equal(expected, run(result.model, inputs))
