@@ -22,13 +22,15 @@ Three granularities, one pass::
 
 The prunable weights are constant float weights of the main graph: the pass does not reach
 into If/Loop/Scan bodies, and a channel read inside one leaves its group alone. ``layers``
-names nodes or weights; empty means every prunable layer. For channel pruning a group is
+names nodes (an unnamed node as ``OpType#index``, its position in the graph) or weights;
+empty means every prunable layer. For channel pruning a group is
 pruned when ``layers`` names any of its layers (its other layers must follow).
 
 After ``call``, ``pass_.report`` (:class:`~onnxforge.passes.pruning.report.PruneReport`)
-holds per-layer rows, groups left alone and why, parameters, MACs and zlib-compressed weight
-bytes before and after; the pass logs it too. Zeroed weights shrink the compressed size, not
-the latency: dense CPU kernels do as much work on zeros. Channel pruning shrinks the matrices
+holds per-layer rows, groups left alone and why, parameters and MACs before and after, and
+for unstructured and N:M the zlib-compressed weight bytes; the pass logs it too. Zeroed
+weights shrink the compressed size, not the latency: dense CPU kernels do as much work on
+zeros. Channel pruning shrinks the matrices
 themselves, which is what makes a model faster. Nothing is retrained: accuracy drops, and
 the drop must be measured (``VerifyNumerics`` with a budget, or held-out data).
 """
@@ -53,6 +55,7 @@ from onnxforge.passes.pruning.report import (
 )
 from onnxforge.passes.pruning.sparsify import (
     apply_masks,
+    layer_name,
     nm_mask,
     prunable_weights,
     unstructured_masks,
@@ -102,6 +105,30 @@ def _check_choice(option: str, value: str, choices: Sequence[str]) -> None:
         raise ValueError(f"{option} must be one of {', '.join(choices)}, got {value!r}")
 
 
+def _initializer_tensors(model: ir.Model) -> dict[str, ir.TensorProtocol]:
+    return {
+        name: value.const_value
+        for name, value in model.graph.initializers.items()
+        if value.const_value is not None
+    }
+
+
+def _signature(model: ir.Model) -> tuple[tuple[str | None, str, str], ...]:
+    """Names, types and shapes of the graph's inputs and outputs."""
+    values = [*model.graph.inputs, *model.graph.outputs]
+    return tuple((v.name, str(v.type), str(v.shape)) for v in values)
+
+
+def _compressed_sizes(
+    before: dict[str, ir.TensorProtocol], after: dict[str, ir.TensorProtocol]
+) -> tuple[int, int]:
+    """zlib-compressed bytes of the initializers before and after; each tensor compressed once."""
+    common = compressed_size(t for name, t in after.items() if before.get(name) is t)
+    old = compressed_size(t for name, t in before.items() if after.get(name) is not t)
+    new = compressed_size(t for name, t in after.items() if before.get(name) is not t)
+    return common + old, common + new
+
+
 @register
 class PrunePass(Pass):
     """Zero the smallest weights (unstructured, N:M) or remove whole output channels."""
@@ -145,10 +172,20 @@ class PrunePass(Pass):
         self.scope = scope
         self.layers = list(layers)
         self.report: PruneReport | None = None
+        self._signature: tuple = ()
+
+    def requires(self, model: ir.Model) -> None:
+        """Nothing beyond a model; notes its graph inputs and outputs for ``ensures``."""
+        self._signature = _signature(model)
+
+    def ensures(self, model: ir.Model) -> None:
+        """Graph inputs and outputs keep their names, types and shapes."""
+        if _signature(model) != self._signature:
+            raise AssertionError("prune changed the graph's inputs or outputs")
 
     def _check_layer_names(self, model: ir.Model) -> None:
         known = set(model.graph.initializers)
-        known |= {node.name for node in model.graph if node.name}
+        known |= {layer_name(node, index) for index, node in enumerate(model.graph)}
         unknown = [layer for layer in self.layers if layer not in known]
         if unknown:
             raise ValueError(
@@ -160,14 +197,11 @@ class PrunePass(Pass):
         self._check_layer_names(model)
         report = PruneReport(self.granularity, self.criterion, self.scope, self.sparsity)
         before = model_stats(model)
-        tensors_before = {
-            name: value.const_value
-            for name, value in model.graph.initializers.items()
-            if value.const_value is not None
-        }
-        macs_before = count_macs(model, ShapeTable(model))
+        tensors_before = _initializer_tensors(model)
+        table = ShapeTable(model)
+        macs_before = count_macs(model, table)
         if self.granularity == "channel":
-            modified = self._prune_channels(model, report)
+            modified = self._prune_channels(model, report, table)
         else:
             modified = self._sparsify(model, report)
         after = model_stats(model) if modified else before
@@ -177,18 +211,9 @@ class PrunePass(Pass):
         macs_after = count_macs(model, ShapeTable(model)) if modified else macs_before
         report.macs_before, report.macs_after = macs_before.total, macs_after.total
         report.macs_uncounted = macs_after.uncounted
-        tensors_after = {
-            name: value.const_value
-            for name, value in model.graph.initializers.items()
-            if value.const_value is not None
-        }
-        # compress each tensor once: unchanged tensors count the same before and after
-        unchanged = [t for name, t in tensors_after.items() if tensors_before.get(name) is t]
-        common = compressed_size(unchanged)
-        changed_before = [t for n, t in tensors_before.items() if tensors_after.get(n) is not t]
-        changed_after = [t for n, t in tensors_after.items() if tensors_before.get(n) is not t]
-        report.compressed_bytes_before = common + compressed_size(changed_before)
-        report.compressed_bytes_after = common + compressed_size(changed_after)
+        if self.granularity != "channel":  # zeros pay off in compressed size, and only there
+            sizes = _compressed_sizes(tensors_before, _initializer_tensors(model))
+            report.compressed_bytes_before, report.compressed_bytes_after = sizes
         self.report = report
         for line in report.lines():
             logger.info("%s", line)
@@ -223,8 +248,7 @@ class PrunePass(Pass):
         report.rows = apply_masks(weights, masks)
         return any(row.zeros_after != row.zeros_before for row in report.rows)
 
-    def _prune_channels(self, model: ir.Model, report: PruneReport) -> bool:
-        table = ShapeTable(model)
+    def _prune_channels(self, model: ir.Model, report: PruneReport, table: ShapeTable) -> bool:
         plan = analyse_channels(model, table)
         selection = select_channels(
             plan,

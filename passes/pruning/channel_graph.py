@@ -7,8 +7,9 @@ channel covers ``block`` consecutive elements of the axis (``Flatten`` of ``[N, 
 ``[N, C*H*W]`` gives block ``H*W``). Rules, by op:
 
 - **sources** (Conv with ``group=1``, ConvTranspose with ``group=1``, Gemm, MatMul with a
-  constant 2-D weight): a fresh space of ``C_out`` channels; the weight's output axis and the
-  bias are sliced. A source that reads a layout also slices the weight's input axis;
+  constant 2-D weight, directly or under a ``Transpose``): a fresh space of ``C_out``
+  channels; the weight's output axis and the bias are sliced. A source that reads a layout
+  also slices the weight's input axis;
 - **pass-through**: element-wise unary ops (Relu, Clip, Sigmoid, Cast, Identity, ...), pools
   (MaxPool, AveragePool, GlobalAveragePool, ...), BatchNormalization and InstanceNormalization
   (their per-channel parameters are sliced), Dropout, Transpose, Squeeze, Unsqueeze, Slice,
@@ -36,35 +37,42 @@ rewrite (:mod:`.channel_rewrite`) applies them once the kept channels are chosen
 
 from __future__ import annotations
 
-import collections
-import dataclasses
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
 import numpy as np
 import onnx_ir as ir
 
+from onnxforge.passes.pruning.channel_plan import (
+    ChannelPlan,
+    GroupEdit,
+    Layout,
+    Segment,
+    ShapeEntryEdit,
+    SliceEdit,
+    Source,
+)
+from onnxforge.passes.pruning.reshape_rules import (
+    ShapeEntry,
+    Size,
+    dim_size,
+    match_reshape,
+    target_sizes,
+)
 from onnxforge.passes.pruning.sparsify import layer_name
 from onnxforge.passes.pruning.static_values import (
     ONNX_DOMAINS,
     Dim,
     ShapeTable,
+    WeightView,
     constant_array,
-    dims_product,
+    shape_range,
     static_array,
     static_length,
+    weight_view,
 )
 
-__all__ = [
-    "Segment",
-    "Layout",
-    "Source",
-    "SliceEdit",
-    "ShapeEntryEdit",
-    "GroupEdit",
-    "ChannelPlan",
-    "analyse_channels",
-]
+__all__ = ["analyse_channels", "UNARY_OPS", "POOL_OPS", "BROADCAST_OPS", "REDUCE_OPS"]
 
 # Element-wise ops of one data input (input 0): the output has the input's channels.
 UNARY_OPS = frozenset(
@@ -93,134 +101,6 @@ REDUCE_OPS = frozenset(
         "ReduceMin", "ReduceProd", "ReduceSum", "ReduceSumSquare",
     }
 )  # fmt: skip
-
-
-@dataclasses.dataclass(frozen=True)
-class Segment:
-    """``size`` channels of one space (``None``: channels that are never pruned)."""
-
-    space: int | None
-    size: int
-
-
-@dataclasses.dataclass(frozen=True)
-class Layout:
-    """Where a value's prunable channels lie: axis, spaces end to end, elements per channel."""
-
-    axis: int
-    segments: tuple[Segment, ...]
-    block: int = 1
-
-    @property
-    def channels(self) -> int:
-        """Channels along the axis."""
-        return sum(segment.size for segment in self.segments)
-
-    @property
-    def extent(self) -> int:
-        """Elements along the axis: channels times block."""
-        return self.channels * self.block
-
-    def at(self, axis: int) -> Layout:
-        """The same channels on another axis (a transposed or broadcast operand)."""
-        return dataclasses.replace(self, axis=axis)
-
-    def spaces(self) -> list[int]:
-        """The spaces of the segments that may be pruned."""
-        return [segment.space for segment in self.segments if segment.space is not None]
-
-
-@dataclasses.dataclass(frozen=True)
-class Source:
-    """A layer whose output channels form a space: its weight, and the weight's output axis."""
-
-    node: ir.Node
-    layer: str
-    weight: ir.Value
-    axis: int
-    space: int
-
-
-@dataclasses.dataclass(frozen=True)
-class SliceEdit:
-    """Keep only the layout's kept elements of input ``index`` of ``node`` along ``axis``."""
-
-    node: ir.Node
-    index: int
-    axis: int
-    layout: Layout
-
-
-@dataclasses.dataclass(frozen=True)
-class ShapeEntryEdit:
-    """Entry ``position`` of the constant shape piece in input ``index`` of ``node``.
-
-    It becomes the layout's kept extent (a Reshape's target size on the channel axis).
-    """
-
-    node: ir.Node
-    index: int
-    piece: np.ndarray
-    position: int
-    layout: Layout
-
-
-@dataclasses.dataclass(frozen=True)
-class GroupEdit:
-    """A depthwise Conv's ``group``: it becomes the kept extent of its input layout."""
-
-    node: ir.Node
-    layout: Layout
-
-
-@dataclasses.dataclass
-class ChannelPlan:
-    """The walk's findings: sources, edits, layouts, the union-find of spaces and the reasons."""
-
-    sources: list[Source] = dataclasses.field(default_factory=list)
-    slices: list[SliceEdit] = dataclasses.field(default_factory=list)
-    shape_entries: list[ShapeEntryEdit] = dataclasses.field(default_factory=list)
-    group_edits: list[GroupEdit] = dataclasses.field(default_factory=list)
-    layouts: dict[ir.Value, Layout] = dataclasses.field(default_factory=dict)
-    parent: list[int] = dataclasses.field(default_factory=list)
-    sizes: list[int] = dataclasses.field(default_factory=list)
-    reasons: dict[int, list[str]] = dataclasses.field(
-        default_factory=lambda: collections.defaultdict(list)
-    )
-
-    def new_space(self, size: int) -> int:
-        """A fresh space of ``size`` channels."""
-        self.parent.append(len(self.parent))
-        self.sizes.append(size)
-        return len(self.parent) - 1
-
-    def find(self, space: int) -> int:
-        """The group (root space) of a space."""
-        while self.parent[space] != space:
-            self.parent[space] = self.parent[self.parent[space]]
-            space = self.parent[space]
-        return space
-
-    def union(self, a: int, b: int) -> None:
-        """Tie two spaces of equal size into one group."""
-        root_a, root_b = self.find(a), self.find(b)
-        if root_a != root_b:
-            self.parent[max(root_a, root_b)] = min(root_a, root_b)
-
-    def groups(self) -> dict[int, list[Source]]:
-        """The sources of each group, by root space, in graph order."""
-        groups: dict[int, list[Source]] = {}
-        for source in self.sources:
-            groups.setdefault(self.find(source.space), []).append(source)
-        return groups
-
-    def group_reasons(self) -> dict[int, list[str]]:
-        """Why each unresolvable group must be left alone (reasons in order, no repeats)."""
-        merged: dict[int, list[str]] = {}
-        for space, reasons in self.reasons.items():
-            bucket = merged.setdefault(self.find(space), [])
-            bucket.extend(r for r in reasons if r not in bucket)
-        return merged
 
 
 class _Walk:
@@ -265,13 +145,12 @@ class _Walk:
     def dims(self, value: ir.Value | None) -> tuple[Dim, ...] | None:
         return None if value is None else self.table.dims(value)
 
-    def source(self, node: ir.Node, name: str, weight: ir.Value, axis: int) -> Layout:
+    def source(self, node: ir.Node, name: str, weight: WeightView, axis: int) -> Layout:
         """Make the node a source: a fresh space of the weight's ``axis`` channels."""
-        array = constant_array(weight)
-        assert array is not None
-        size = int(array.shape[axis])
+        size = int(weight.array().shape[axis])
         space = self.plan.new_space(size)
-        self.plan.sources.append(Source(node, name, weight, axis, space))
+        source_axis = weight.source_axis(axis)
+        self.plan.sources.append(Source(node, name, weight.value, source_axis, space))
         return Layout(0, (Segment(space, size),))
 
     # -- the walk ----------------------------------------------------------------------------
@@ -289,7 +168,8 @@ class _Walk:
         layouts = [self.plan.layouts.get(v) if v is not None else None for v in node.inputs]
         op = node.op_type
         if node.domain not in ONNX_DOMAINS:
-            self.fail(layouts, f"read by '{name}' ({node.domain}::{op}), an op outside ONNX")
+            hint = " (run prune before fuse)" if op.startswith("Fused") else ""
+            self.fail(layouts, f"read by '{name}' ({node.domain}::{op}), an op outside ONNX{hint}")
             return
         handler = _SOURCE_HANDLERS.get(op)
         if handler is not None:
@@ -318,6 +198,19 @@ class _Walk:
             self.fail(layouts, f"'{name}' ({node.op_type}) reads channels through a parameter")
             return None
         return layouts[0]
+
+    def ranked_input(
+        self, node: ir.Node, name: str, layouts: list[Layout | None]
+    ) -> tuple[Layout, int] | None:
+        """Input 0's layout and rank, when only it carries channels and its rank is known."""
+        layout = self.only_first(node, name, layouts)
+        if layout is None:
+            return None
+        rank = self.table.rank(node.inputs[0])  # type: ignore[arg-type]
+        if rank is None:
+            self.fail([layout], f"'{name}' ({node.op_type}): the rank of its input is unknown")
+            return None
+        return layout, rank
 
     # -- sources -----------------------------------------------------------------------------
 
@@ -353,7 +246,7 @@ class _Walk:
         in_axis, out_axis = (0, 1) if transpose else (1, 0)
         if layout is not None:
             self.plan.slices.append(SliceEdit(node, 1, in_axis, layout.at(in_axis)))
-        out = self.source(node, name, weight, out_axis)
+        out = self.source(node, name, WeightView(weight, None, None), out_axis)
         self.plan.slices.append(SliceEdit(node, 1, out_axis, out.at(out_axis)))
         if bias is not None:
             self.plan.slices.append(SliceEdit(node, 2, 0, out.at(0)))
@@ -364,8 +257,8 @@ class _Walk:
         return group == layout.extent and weight.shape[1] == 1 and weight.shape[0] % group == 0
 
     def gemm(self, node: ir.Node, name: str, layouts: list[Layout | None]) -> None:
-        weight = node.inputs[1]
-        array = constant_array(weight)
+        weight = weight_view(node.inputs[1])
+        array = weight.array() if weight is not None else None
         layout = layouts[0]
         if any(layouts[1:]):
             self.fail(layouts, f"'{name}' (Gemm) reads channels through B or C")
@@ -395,8 +288,8 @@ class _Walk:
         self.set(node.outputs[0], out.at(1))
 
     def matmul(self, node: ir.Node, name: str, layouts: list[Layout | None]) -> None:
-        weight = node.inputs[1]
-        array = constant_array(weight)
+        weight = weight_view(node.inputs[1])
+        array = weight.array() if weight is not None else None
         layout = layouts[0]
         rank = self.table.rank(node.inputs[0]) if node.inputs[0] is not None else None
         if (
@@ -462,13 +355,11 @@ class _Walk:
         self.set(node.outputs[0], layout)
 
     def layer_norm(self, node: ir.Node, name: str, layouts: list[Layout | None]) -> None:
-        layout = self.only_first(node, name, layouts)
-        rank = self.table.rank(node.inputs[0]) if node.inputs[0] is not None else None
-        if layout is None or rank is None:
-            self.fail([layout], f"'{name}' (LayerNormalization): rank unknown")
+        found = self.ranked_input(node, name, layouts)
+        if found is None:
             return
-        axis = node.attributes.get_int("axis", -1)
-        axis = axis + rank if axis < 0 else axis
+        layout, rank = found
+        axis = _normalised(node.attributes.get_int("axis", -1), rank)
         if layout.axis >= axis:
             self.fail([layout], f"'{name}' (LayerNormalization) normalises over the channels")
             return
@@ -520,8 +411,7 @@ class _Walk:
         if rank is None:
             self.fail(carried, f"'{name}' (Concat): rank unknown")
             return
-        axis = node.attributes.get_int("axis", 0)
-        axis = axis + rank if axis < 0 else axis
+        axis = _normalised(node.attributes.get_int("axis", 0), rank)
         if all(layout.axis == axis for layout in carried):
             if any(layout.block != 1 for layout in carried):
                 self.fail(carried, f"'{name}' (Concat) joins flattened channels")
@@ -554,24 +444,22 @@ class _Walk:
         self.set(node.outputs[0], first)
 
     def split(self, node: ir.Node, name: str, layouts: list[Layout | None]) -> None:
-        layout = self.only_first(node, name, layouts)
-        rank = self.table.rank(node.inputs[0]) if node.inputs[0] is not None else None
-        if layout is None or rank is None:
-            self.fail([layout], f"'{name}' (Split): rank unknown")
+        found = self.ranked_input(node, name, layouts)
+        if found is None:
             return
+        layout, rank = found
         axis = node.attributes.get_int("axis", 0)
-        if (axis + rank if axis < 0 else axis) == layout.axis:
+        if _normalised(axis, rank) == layout.axis:
             self.fail([layout], f"'{name}' (Split) splits the channel axis")
             return
         for output in node.outputs:
             self.set(output, layout)
 
     def slice(self, node: ir.Node, name: str, layouts: list[Layout | None]) -> None:
-        layout = self.only_first(node, name, layouts)
-        rank = self.table.rank(node.inputs[0]) if node.inputs[0] is not None else None
-        if layout is None or rank is None:
-            self.fail([layout], f"'{name}' (Slice): rank unknown")
+        found = self.ranked_input(node, name, layouts)
+        if found is None:
             return
+        layout, rank = found
         starts = static_array(node.inputs[1]) if len(node.inputs) > 1 else None
         axes_value = node.inputs[3] if len(node.inputs) > 3 else None
         axes = static_array(axes_value) if axes_value is not None else None
@@ -579,17 +467,16 @@ class _Walk:
             self.fail([layout], f"'{name}' (Slice): its axes are not constant")
             return
         listed = axes.reshape(-1).tolist() if axes is not None else list(range(starts.size))
-        if layout.axis in [a + rank if a < 0 else a for a in listed]:
+        if layout.axis in [_normalised(a, rank) for a in listed]:
             self.fail([layout], f"'{name}' (Slice) slices the channel axis")
             return
         self.set(node.outputs[0], layout)
 
     def pad(self, node: ir.Node, name: str, layouts: list[Layout | None]) -> None:
-        layout = self.only_first(node, name, layouts)
-        rank = self.table.rank(node.inputs[0]) if node.inputs[0] is not None else None
-        if layout is None or rank is None:
-            self.fail([layout], f"'{name}' (Pad): rank unknown")
+        found = self.ranked_input(node, name, layouts)
+        if found is None:
             return
+        layout, rank = found
         if len(node.inputs) > 1:
             pads = static_array(node.inputs[1])
         else:
@@ -601,7 +488,7 @@ class _Walk:
             self.fail([layout], f"'{name}' (Pad): its pads are not constant")
             return
         listed = axes.reshape(-1).tolist() if axes is not None else list(range(rank))
-        listed = [a + rank if a < 0 else a for a in listed]
+        listed = [_normalised(a, rank) for a in listed]
         pads = pads.reshape(-1)
         if layout.axis in listed:
             at = listed.index(layout.axis)
@@ -611,11 +498,10 @@ class _Walk:
         self.set(node.outputs[0], layout)
 
     def transpose(self, node: ir.Node, name: str, layouts: list[Layout | None]) -> None:
-        layout = self.only_first(node, name, layouts)
-        rank = self.table.rank(node.inputs[0]) if node.inputs[0] is not None else None
-        if layout is None or rank is None:
-            self.fail([layout], f"'{name}' (Transpose): rank unknown")
+        found = self.ranked_input(node, name, layouts)
+        if found is None:
             return
+        layout, rank = found
         attr = node.attributes.get("perm")
         perm = list(attr.as_ints()) if attr is not None else list(reversed(range(rank)))
         self.set(node.outputs[0], layout.at(perm.index(layout.axis)))
@@ -630,14 +516,13 @@ class _Walk:
         else:
             attr = node.attributes.get("axes")
             axes = list(attr.as_ints()) if attr is not None else []
-        return sorted(a + rank if a < 0 else a for a in axes)
+        return sorted(_normalised(a, rank) for a in axes)
 
     def squeeze(self, node: ir.Node, name: str, layouts: list[Layout | None]) -> None:
-        layout = self.only_first(node, name, layouts)
-        rank = self.table.rank(node.inputs[0]) if node.inputs[0] is not None else None
-        if layout is None or rank is None:
-            self.fail([layout], f"'{name}' (Squeeze): rank unknown")
+        found = self.ranked_input(node, name, layouts)
+        if found is None:
             return
+        layout, rank = found
         axes = self._axes(node, rank)
         if not axes or layout.axis in axes:  # no axes: every dim of size 1 goes, maybe ours
             self.fail([layout], f"'{name}' (Squeeze) may drop the channel axis")
@@ -658,11 +543,10 @@ class _Walk:
         self.set(node.outputs[0], layout.at(kept[layout.axis]))
 
     def reduce(self, node: ir.Node, name: str, layouts: list[Layout | None]) -> None:
-        layout = self.only_first(node, name, layouts)
-        rank = self.table.rank(node.inputs[0]) if node.inputs[0] is not None else None
-        if layout is None or rank is None:
-            self.fail([layout], f"'{name}' ({node.op_type}): rank unknown")
+        found = self.ranked_input(node, name, layouts)
+        if found is None:
             return
+        layout, rank = found
         axes = self._axes(node, rank)
         if axes is None:
             self.fail([layout], f"'{name}' ({node.op_type}): its axes are not constant")
@@ -679,27 +563,23 @@ class _Walk:
         self.set(node.outputs[0], layout.at(axis))
 
     def softmax(self, node: ir.Node, name: str, layouts: list[Layout | None]) -> None:
-        layout = self.only_first(node, name, layouts)
-        rank = self.table.rank(node.inputs[0]) if node.inputs[0] is not None else None
-        if layout is None or rank is None:
-            self.fail([layout], f"'{name}' ({node.op_type}): rank unknown")
+        found = self.ranked_input(node, name, layouts)
+        if found is None:
             return
+        layout, rank = found
         old = self.opset < 13
-        axis = node.attributes.get_int("axis", 1 if old else -1)
-        axis = axis + rank if axis < 0 else axis
+        axis = _normalised(node.attributes.get_int("axis", 1 if old else -1), rank)
         if (old and layout.axis >= axis) or layout.axis == axis:
             self.fail([layout], f"'{name}' ({node.op_type}) normalises over the channels")
             return
         self.set(node.outputs[0], layout)
 
     def arg(self, node: ir.Node, name: str, layouts: list[Layout | None]) -> None:
-        layout = self.only_first(node, name, layouts)
-        rank = self.table.rank(node.inputs[0]) if node.inputs[0] is not None else None
-        if layout is None or rank is None:
-            self.fail([layout], f"'{name}' ({node.op_type}): rank unknown")
+        found = self.ranked_input(node, name, layouts)
+        if found is None:
             return
-        axis = node.attributes.get_int("axis", 0)
-        axis = axis + rank if axis < 0 else axis
+        layout, rank = found
+        axis = _normalised(node.attributes.get_int("axis", 0), rank)
         if axis == layout.axis:
             self.fail([layout], f"'{name}' ({node.op_type}) picks among the channels")
             return
@@ -707,14 +587,11 @@ class _Walk:
         self.set(node.outputs[0], layout.at(layout.axis - (0 if keep or axis > layout.axis else 1)))
 
     def shape(self, node: ir.Node, name: str, layouts: list[Layout | None]) -> None:
-        layout = layouts[0]
-        rank = self.table.rank(node.inputs[0]) if node.inputs[0] is not None else None
-        if layout is None or rank is None:
-            self.fail([layout], f"'{name}' (Shape): rank unknown")
+        found = self.ranked_input(node, name, layouts)
+        if found is None:
             return
-        start = node.attributes.get_int("start", 0)
-        end = node.attributes.get_int("end", rank)
-        start, end = (min(max(x + rank if x < 0 else x, 0), rank) for x in (start, end))
+        layout, rank = found
+        start, end = shape_range(node, rank)
         if start <= layout.axis < end:
             self.fail([layout], f"'{name}' (Shape) reads the channel count")
 
@@ -727,8 +604,7 @@ class _Walk:
             self.fail([layout], f"'{name}' (Flatten): shape unknown")
             return
         rank = len(dims)
-        axis = node.attributes.get_int("axis", 1)
-        axis = axis + rank if axis < 0 else axis
+        axis = _normalised(node.attributes.get_int("axis", 1), rank)
         c = layout.axis
         outer, inner, out_axis = (
             (dims[axis:c], dims[c + 1 :], 1) if c >= axis else (dims[:c], dims[c + 1 : axis], 0)
@@ -743,26 +619,31 @@ class _Walk:
         layout = self.only_first(node, name, layouts)
         if layout is None:
             return
-        in_dims, out_dims = self.dims(node.inputs[0]), self.dims(node.outputs[0])
-        if in_dims is None or out_dims is None:
-            self.fail([layout], f"'{name}' (Reshape): shapes unknown")
+        in_dims = self.dims(node.inputs[0])
+        entries = self._shape_entries(node)
+        if in_dims is None or entries is None:
+            self.fail([layout], f"'{name}' (Reshape): its target shape is computed at run time")
             return
-        match = _match_reshape(in_dims, out_dims, layout)
+        allowzero = node.attributes.get_int("allowzero", 0)
+        in_sizes = [dim_size(d) for d in in_dims]
+        out_sizes = target_sizes(
+            [entry for entry, _, _ in entries],
+            [size for _, _, size in entries],
+            in_sizes,
+            self.dims(node.outputs[0]),
+            allowzero,
+        )
+        match = match_reshape(in_sizes, out_sizes, layout)
         if match is None:
             self.fail([layout], f"'{name}' (Reshape) mixes the channels with other dims")
             return
         k, block = match
         out = Layout(k, layout.segments, block)
-        entries = self._shape_entries(node)
-        if entries is None or len(entries) != len(out_dims):
-            self.fail([layout], f"'{name}' (Reshape): its target shape is computed at run time")
-            return
-        allowzero = node.attributes.get_int("allowzero", 0)
-        for position, (entry, _) in enumerate(entries):
+        for position, (entry, _, _) in enumerate(entries):
             if entry == 0 and not allowzero and position == layout.axis and position != k:
                 self.fail([layout], f"'{name}' (Reshape) copies the channel dim elsewhere")
                 return
-        entry, piece = entries[k]
+        entry, piece, _ = entries[k]
         if entry is None or piece is None:
             self.fail([layout], f"'{name}' (Reshape): the channel size is computed at run time")
             return
@@ -778,17 +659,15 @@ class _Walk:
             return
         self.set(node.outputs[0], out)
 
-    def _shape_entries(
-        self, node: ir.Node
-    ) -> list[tuple[int | None, tuple[ir.Node, int, np.ndarray, int] | None]] | None:
-        """The Reshape target's entries, each with where its constant comes from, if it does."""
+    def _shape_entries(self, node: ir.Node) -> list[ShapeEntry] | None:
+        """The Reshape target's entries (see ``ShapeEntry``), or None when they are unknown."""
         target = node.inputs[1] if len(node.inputs) > 1 else None
         if target is None:
             return None
         array = static_array(target)
         if array is not None:
             flat = array.reshape(-1)
-            return [(int(v), (node, 1, flat, i)) for i, v in enumerate(flat.tolist())]
+            return [(int(v), (node, 1, flat, i), None) for i, v in enumerate(flat.tolist())]
         producer = target.producer()
         if (
             producer is None
@@ -798,65 +677,53 @@ class _Walk:
             or target.is_graph_output()
         ):
             return None
-        entries: list[tuple[int | None, tuple[ir.Node, int, np.ndarray, int] | None]] = []
+        entries: list[ShapeEntry] = []
         for index, piece in enumerate(producer.inputs):
             length = static_length(piece, self.table)
             if length is None:
                 return None
             values = static_array(piece)
             if values is None:
-                entries.extend((None, None) for _ in range(length))
+                read = self._dims_read(piece)
+                if read is None or len(read) != length:
+                    read = [None] * length
+                entries.extend((None, None, size) for size in read)
             else:
                 flat = values.reshape(-1)
                 entries.extend(
-                    (int(v), (producer, index, flat, i)) for i, v in enumerate(flat.tolist())
+                    (int(v), (producer, index, flat, i), None) for i, v in enumerate(flat.tolist())
                 )
         return entries
 
-
-def _static_product(dims: Sequence[Dim]) -> int | None:
-    if not all(isinstance(d, int) for d in dims):
+    def _dims_read(self, value: ir.Value | None, depth: int = 8) -> list[Size] | None:
+        """The dims a run-time shape piece holds (``Shape(x)[a:b]``, squeezed, concatenated)."""
+        if value is None or depth == 0:
+            return None
+        array = static_array(value)
+        if array is not None:
+            return [(int(v), ()) for v in array.reshape(-1).tolist()]
+        node = value.producer()
+        if node is None or node.domain not in ONNX_DOMAINS or not node.inputs:
+            return None
+        if node.op_type == "Shape":
+            dims = self.dims(node.inputs[0])
+            if dims is None:
+                return None
+            start, end = shape_range(node, len(dims))
+            return [dim_size(d) for d in dims[start:end]]
+        if node.op_type in ("Squeeze", "Unsqueeze", "Reshape", "Identity", "Cast"):
+            return self._dims_read(node.inputs[0], depth - 1)  # the same elements, reshaped
+        if node.op_type == "Concat":
+            parts = [self._dims_read(v, depth - 1) for v in node.inputs]
+            if any(part is None for part in parts):
+                return None
+            return [size for part in parts for size in part]  # type: ignore[union-attr]
         return None
-    return math.prod(dims)  # type: ignore[arg-type]
 
 
-def _match_reshape(
-    in_dims: Sequence[Dim], out_dims: Sequence[Dim], layout: Layout
-) -> tuple[int, int] | None:
-    """Where a Reshape puts the channel axis, and its new block; None if channels get mixed.
-
-    The input's dims before the channel axis must give the output's dims before axis ``k``;
-    the channel dim and some static dims after it (``P`` elements per channel) must give
-    output dims ``k .. k+m`` (``Q`` elements per step of axis ``k``). Channel ``c`` then
-    covers entries ``c * block*P/Q ...`` of axis ``k``: the new block is ``block*P/Q``.
-    """
-    c = layout.axis
-    prefix = dims_product(in_dims[:c])
-    if prefix is None:
-        return None
-    for k in range(len(out_dims)):
-        if dims_product(out_dims[:k]) != prefix:
-            continue
-        for m in range(1, len(out_dims) - k + 1):
-            right = _static_product(out_dims[k : k + m])
-            if right is None:
-                break
-            for j in range(c + 1, len(in_dims) + 1):
-                inner = _static_product(in_dims[c + 1 : j])
-                if inner is None:
-                    break
-                if layout.extent * inner != right:
-                    continue
-                if dims_product(in_dims[j:]) != dims_product(out_dims[k + m :]):
-                    continue
-                steps = _static_product(out_dims[k + 1 : k + m])
-                assert steps is not None
-                if (layout.block * inner) % steps:
-                    continue
-                block = layout.block * inner // steps
-                if out_dims[k] == layout.channels * block:
-                    return k, block
-    return None
+def _normalised(axis: int, rank: int) -> int:
+    """A possibly negative axis as a non-negative one."""
+    return axis + rank if axis < 0 else axis
 
 
 _SOURCE_HANDLERS = {

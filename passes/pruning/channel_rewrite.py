@@ -12,6 +12,8 @@ Rewriting (:func:`apply_selection`), through the IR only:
 - a sliced constant is rewritten in place when every node that reads it takes the same slice
   (``Shape`` nodes that read it are first replaced by its old shape, a constant), else the
   readers that need a slice get a new initializer and the old one goes once unused;
+- a weight read through a ``Transpose`` (the dynamo exporter's ``MatMul(x, Transpose(W))``)
+  is sliced under the Transpose, along the axes the Transpose maps to;
 - a per-channel input that is not a constant (a bias computed at run time) is sliced by an
   inserted ``Gather`` with constant indices;
 - constant pieces of Reshape targets, depthwise ``group`` attributes and the shapes of the
@@ -28,11 +30,17 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
-from onnxforge.passes.pruning.channel_graph import ChannelPlan, Layout, Source
+from onnxforge.passes.pruning.channel_plan import ChannelPlan, Layout, Source
 from onnxforge.passes.pruning.macs import MATRIX_OPS
 from onnxforge.passes.pruning.report import GroupRow, LayerRow, SkippedGroup
 from onnxforge.passes.pruning.sparsify import layer_name
-from onnxforge.passes.pruning.static_values import ONNX_DOMAINS, ShapeTable, constant_array
+from onnxforge.passes.pruning.static_values import (
+    ONNX_DOMAINS,
+    ShapeTable,
+    constant_array,
+    shape_range,
+    weight_view,
+)
 
 __all__ = ["Selection", "select_channels", "apply_selection", "channel_scores"]
 
@@ -200,10 +208,7 @@ class _Rewriter:
 
     def fold_shape(self, node: ir.Node, dims: Sequence[int]) -> None:
         """Replace ``Shape(constant)`` by the constant's (old) shape."""
-        rank = len(dims)
-        start = node.attributes.get_int("start", 0)
-        end = node.attributes.get_int("end", rank)
-        start, end = (min(max(x + rank if x < 0 else x, 0), rank) for x in (start, end))
+        start, end = shape_range(node, len(dims))
         output = node.outputs[0]
         constant = self.initializer(f"{output.name}_folded", np.array(dims[start:end], np.int64))
         ir.convenience.replace_all_uses_with(output, constant)
@@ -251,7 +256,7 @@ class _Rewriter:
         base = current.name or "value"
         for axis, indices in cuts:
             shape = None
-            if current.shape is not None:
+            if current.shape is not None and current.type is not None:
                 dims = list(current.shape.dims)
                 dims[axis] = int(indices.size)
                 shape = ir.Shape(dims)
@@ -266,6 +271,12 @@ class _Rewriter:
         node.replace_input_with(index, current)
 
 
+def value_shape(value: ir.Value, flat: np.ndarray) -> tuple[int, ...]:
+    """The shape a rewritten shape piece keeps: the old constant's (1-D, or a scalar)."""
+    old = constant_array(value)
+    return tuple(old.shape) if old is not None and old.size == flat.size else flat.shape
+
+
 def apply_selection(
     model: ir.Model, plan: ChannelPlan, selection: Selection, table: ShapeTable
 ) -> list[LayerRow]:
@@ -275,7 +286,7 @@ def apply_selection(
     shrink: list[tuple[ir.Value, int, int]] = []
     for value, layout in plan.layouts.items():
         indices = rewriter.kept_indices(layout)
-        if indices is not None:
+        if indices is not None and value.shape is not None:  # unannotated values stay so
             shrink.append((value, layout.axis, int(indices.size)))
     dims_before = {value: table.dims(value) for value, _, _ in shrink}
 
@@ -292,34 +303,48 @@ def apply_selection(
     group_of = {id(s.node): selection.group_ids[plan.find(s.space)] for s in plan.sources}
     layer_names = {id(node): layer_name(node, i) for i, node in enumerate(model.graph)}
     constants: dict[int, tuple[ir.Value, list[tuple[ir.Node, int, bytes, np.ndarray]]]] = {}
+    transposed: list[tuple[ir.Value, tuple[int, ...]]] = []
     for node, index, axes in cuts.values():
+        owner = node
         value = node.inputs[index]
         assert value is not None
         array = constant_array(value)
         if array is None:
-            rewriter.gather(node, index, axes)
-            continue
+            view = weight_view(value)
+            if view is None or view.transpose is None or len(value.uses()) != 1:
+                rewriter.gather(node, index, axes)
+                continue
+            # a weight under a Transpose: slice the constant, the Transpose follows
+            transposed.append((value, view.perm))  # type: ignore[arg-type]
+            node, index, value = view.transpose, 0, view.value
+            axes = [(view.source_axis(axis), indices) for axis, indices in axes]
+            array = constant_array(value)
+            assert array is not None
         sliced = array
         key = b""
         for axis, indices in sorted(axes, key=lambda cut: cut[0]):
             sliced = np.take(sliced, indices, axis=axis)
             key += axis.to_bytes(2, "little") + indices.tobytes()
         constants.setdefault(id(value), (value, []))[1].append((node, index, key, sliced))
-        if node.op_type in MATRIX_OPS and index == 1:
+        if owner.op_type in MATRIX_OPS and (owner is not node or index == 1):
             rows.append(
                 LayerRow(
-                    layer=layer_names[id(node)],
-                    op_type=node.op_type,
+                    layer=layer_names[id(owner)],
+                    op_type=owner.op_type,
                     weight=value.name or "",
                     shape_before=tuple(array.shape),
                     shape_after=tuple(sliced.shape),
                     zeros_before=int(np.count_nonzero(array == 0)),
                     zeros_after=int(np.count_nonzero(sliced == 0)),
-                    group=group_of.get(id(node)),
+                    group=group_of.get(id(owner)),
                 )
             )
     for value, edits in constants.values():
         rewriter.replace_constant(value, edits)
+    for value, perm in transposed:
+        weight = value.producer().inputs[0]  # type: ignore[union-attr]
+        if value.shape is not None and weight is not None and weight.shape is not None:
+            value.shape = ir.Shape([weight.shape[axis] for axis in perm])
 
     pieces: dict[tuple[int, int], tuple[ir.Node, int, np.ndarray]] = {}
     for edit in plan.shape_entries:
@@ -330,10 +355,14 @@ def apply_selection(
             (id(edit.node), edit.index), (edit.node, edit.index, edit.piece.copy())
         )
         array[edit.position] = indices.size
+    shape_constants: dict[int, tuple[ir.Value, list[tuple[ir.Node, int, bytes, np.ndarray]]]] = {}
     for node, index, array in pieces.values():
-        old = node.inputs[index]
-        node.replace_input_with(index, rewriter.initializer(f"{old.name or 'shape'}_pruned", array))
-        rewriter.drop_if_unused(old)
+        value = node.inputs[index]
+        assert value is not None
+        edits = shape_constants.setdefault(id(value), (value, []))[1]
+        edits.append((node, index, array.tobytes(), array.reshape(value_shape(value, array))))
+    for value, edits in shape_constants.values():
+        rewriter.replace_constant(value, edits)
 
     for edit in plan.group_edits:
         indices = rewriter.kept_indices(edit.layout)

@@ -10,6 +10,9 @@ left out and named in ``uncounted``. Per node:
   times the weight's ``shape[1:]``;
 - Gemm: ``M * K * N``;
 - MatMul: ``prod(output dims) * K``.
+
+ONNX Runtime's FusedConv, FusedGemm and FusedMatMul (``com.microsoft``) count as the op they
+fuse, so that figures before and after ``fuse`` compare.
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ from onnxforge.passes.pruning.static_values import ONNX_DOMAINS, Dim, ShapeTable
 __all__ = ["MacCount", "count_macs", "MATRIX_OPS"]
 
 MATRIX_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+# ONNX Runtime's fused forms (what ``fuse`` writes) count like the op they fuse.
+FUSED_OPS = {"FusedConv": "Conv", "FusedGemm": "Gemm", "FusedMatMul": "MatMul"}
+MICROSOFT_DOMAIN = "com.microsoft"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +48,7 @@ def _size(dims: tuple[Dim, ...] | None) -> int | None:
     return math.prod(d if isinstance(d, int) else 1 for d in dims)
 
 
-def _node_macs(node: ir.Node, table: ShapeTable) -> int | None:
+def _node_macs(node: ir.Node, op: str, table: ShapeTable) -> int | None:
     if len(node.inputs) < 2 or node.inputs[0] is None or node.inputs[1] is None:
         return None
     inputs = [table.dims(node.inputs[0]), table.dims(node.inputs[1])]  # never the bias
@@ -50,15 +56,15 @@ def _node_macs(node: ir.Node, table: ShapeTable) -> int | None:
     weight = inputs[1]
     if weight is None:
         return None
-    if node.op_type == "Conv":
+    if op == "Conv":
         per_output = _size(weight[1:])
         count = _size(output)
         return None if per_output is None or count is None else count * per_output
-    if node.op_type == "ConvTranspose":
+    if op == "ConvTranspose":
         per_input = _size(weight[1:])
         count = _size(inputs[0])
         return None if per_input is None or count is None else count * per_input
-    if node.op_type == "Gemm":
+    if op == "Gemm":
         a = inputs[0]
         if a is None or len(a) != 2:
             return None
@@ -67,7 +73,7 @@ def _node_macs(node: ir.Node, table: ShapeTable) -> int | None:
         if count is None or k is None:
             return None
         return count * (k if isinstance(k, int) else 1)
-    if node.op_type == "MatMul":
+    if op == "MatMul":
         a = inputs[0]
         if a is None or not a:
             return None
@@ -85,10 +91,14 @@ def count_macs(model: ir.Model, table: ShapeTable | None = None) -> MacCount:
     by_node: dict[str, int] = {}
     uncounted: list[str] = []
     for index, node in enumerate(model.graph):
-        if node.op_type not in MATRIX_OPS or node.domain not in ONNX_DOMAINS:
+        if node.domain in ONNX_DOMAINS and node.op_type in MATRIX_OPS:
+            op = node.op_type
+        elif node.domain == MICROSOFT_DOMAIN and node.op_type in FUSED_OPS:
+            op = FUSED_OPS[node.op_type]
+        else:
             continue
         name = node.name or f"{node.op_type}#{index}"
-        macs = _node_macs(node, table)
+        macs = _node_macs(node, op, table)
         if macs is None:
             uncounted.append(name)
         else:

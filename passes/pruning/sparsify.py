@@ -1,8 +1,9 @@
 """Unstructured and N:M sparsity: zero the smallest weights in place; shapes do not change.
 
 The prunable weights are the constant float weights of Conv, ConvTranspose, Gemm and MatMul
-(input 1; for MatMul, a constant input 0 when input 1 is not constant). A weight read by
-several nodes is pruned once.
+(input 1; for MatMul, a constant input 0 when input 1 is not constant), directly or through
+a ``Transpose`` (the dynamo exporter's ``MatMul(x, Transpose(W))``). A weight read by several
+nodes is pruned once.
 
 - Unstructured, ``scope="layer"``: each weight loses its ``floor(sparsity * size)`` smallest
   elements; ``scope="global"``: ``floor(sparsity * total)`` elements over all the prunable
@@ -13,9 +14,9 @@ several nodes is pruned once.
   ``(m - n) / m`` by construction.
 
 "Smallest" is by ``|w|`` for ``l1`` and ``w**2`` for ``l2``, which rank elements alike:
-the criterion only matters for channel pruning, where it ranks channel norms. Ties are
-broken by position (a stable sort), so runs are deterministic; elements that are zero already
-rank first, so a second run with the same options changes nothing.
+the criterion only matters for channel pruning, where it ranks channel norms. The count is
+exact: ties at the threshold are split deterministically (N:M by position). Elements that are
+zero already rank first, so a second run with the same options changes nothing.
 """
 
 from __future__ import annotations
@@ -29,7 +30,12 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxforge.passes.pruning.report import LayerRow
-from onnxforge.passes.pruning.static_values import ONNX_DOMAINS, constant_array
+from onnxforge.passes.pruning.static_values import (
+    ONNX_DOMAINS,
+    WeightView,
+    constant_array,
+    weight_view,
+)
 
 __all__ = [
     "PrunableWeight",
@@ -77,19 +83,24 @@ def _reduction_axis(node: ir.Node, input_index: int, rank: int) -> int | None:
 _WEIGHT_INPUTS = {"Conv": (1,), "ConvTranspose": (1,), "Gemm": (1,), "MatMul": (1, 0)}
 
 
-def _is_float_weight(value: ir.Value | None) -> bool:
-    if value is None or value.is_graph_input() or value.is_graph_output():
-        return False
-    if value.const_value is None:
-        return False
-    return value.const_value.dtype.is_floating_point()
+def _float_weight(value: ir.Value | None) -> WeightView | None:
+    """The initializer a weight input reads (maybe through a Transpose), if float and ours."""
+    view = weight_view(value)
+    if view is None:
+        return None
+    weight = view.value
+    if weight.is_graph_input() or weight.is_graph_output() or weight.const_value is None:
+        return None
+    return view if weight.const_value.dtype.is_floating_point() else None
 
 
-def _weight_input(node: ir.Node) -> int | None:
-    """Which input of a matrix op is its prunable weight, if any."""
+def _weight_input(node: ir.Node) -> tuple[int, WeightView] | None:
+    """Which input of a matrix op is its prunable weight, and the initializer it reads."""
     for input_index in _WEIGHT_INPUTS.get(node.op_type, ()):
-        if len(node.inputs) > input_index and _is_float_weight(node.inputs[input_index]):
-            return input_index
+        if len(node.inputs) > input_index:
+            view = _float_weight(node.inputs[input_index])
+            if view is not None:
+                return input_index, view
     return None
 
 
@@ -100,23 +111,33 @@ def prunable_weights(model: ir.Model, layers: Sequence[str] = ()) -> list[Prunab
     for index, node in enumerate(model.graph):
         if node.domain not in ONNX_DOMAINS:
             continue
-        input_index = _weight_input(node)
-        if input_index is None:
+        weight = _weight_input(node)
+        if weight is None:
             continue
-        value = node.inputs[input_index]
-        assert value is not None and value.const_value is not None
+        input_index, view = weight
+        value = view.value
+        assert value.const_value is not None
         name = layer_name(node, index)
         if wanted and name not in wanted and value.name not in wanted:
             continue
         axis = _reduction_axis(node, input_index, len(value.const_value.shape))
         if axis is not None and id(value) not in found:
-            found[id(value)] = PrunableWeight(value, name, node.op_type, axis)
+            found[id(value)] = PrunableWeight(value, name, node.op_type, view.source_axis(axis))
     return list(found.values())
 
 
 def _scores(array: np.ndarray, criterion: Criterion) -> np.ndarray:
     values = array.astype(np.float64)
     return np.abs(values) if criterion == "l1" else np.square(values)
+
+
+def _smallest(scores: np.ndarray, count: int) -> np.ndarray:
+    """Indices of the ``count`` smallest scores (a partition, not a sort: O(n))."""
+    if count <= 0:
+        return np.zeros(0, dtype=np.int64)
+    if count >= scores.size:
+        return np.arange(scores.size)
+    return np.argpartition(scores, count - 1)[:count]
 
 
 def unstructured_masks(
@@ -131,13 +152,12 @@ def unstructured_masks(
     masks = [np.zeros(a.size, dtype=bool) for a in arrays]
     if scope == "layer":
         for score, mask in zip(scores, masks, strict=True):
-            count = math.floor(sparsity * score.size)
-            mask[np.argsort(score, kind="stable")[:count]] = True
+            mask[_smallest(score, math.floor(sparsity * score.size))] = True
     else:
         everything = np.concatenate(scores) if scores else np.zeros(0)
         count = math.floor(sparsity * everything.size)
         chosen = np.zeros(everything.size, dtype=bool)
-        chosen[np.argsort(everything, kind="stable")[:count]] = True
+        chosen[_smallest(everything, count)] = True
         offset = 0
         for mask in masks:
             mask[:] = chosen[offset : offset + mask.size]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import onnx
@@ -23,10 +24,13 @@ __all__ = [
     "ONNX_DOMAINS",
     "Dim",
     "constant_array",
+    "WeightView",
+    "weight_view",
     "static_array",
     "static_length",
     "ShapeTable",
     "dims_product",
+    "shape_range",
 ]
 
 ONNX_DOMAINS = ("", "ai.onnx")
@@ -52,6 +56,45 @@ def constant_array(value: ir.Value | None) -> np.ndarray | None:
             return None
         return _constant_node_array(producer)
     return tensor.numpy()
+
+
+class WeightView(NamedTuple):
+    """The constant a matrix op's weight input reads, and the Transpose between, if any."""
+
+    value: ir.Value
+    perm: tuple[int, ...] | None
+    transpose: ir.Node | None
+
+    def array(self) -> np.ndarray:
+        """The weight as the op sees it (the constant, transposed by ``perm``)."""
+        array = constant_array(self.value)
+        assert array is not None
+        return array if self.perm is None else array.transpose(self.perm)
+
+    def source_axis(self, axis: int) -> int:
+        """The constant's axis that the op's ``axis`` reads."""
+        return axis if self.perm is None else self.perm[axis]
+
+
+def weight_view(value: ir.Value | None) -> WeightView | None:
+    """A matrix op's constant weight: the input itself, or a constant under a ``Transpose``.
+
+    The dynamo exporter writes ``MatMul(x, Transpose(W))`` for ``nn.Linear``: the weight is W.
+    """
+    if value is None:
+        return None
+    if constant_array(value) is not None:
+        return WeightView(value, None, None)
+    node = value.producer()
+    if node is None or node.op_type != "Transpose" or node.domain not in ONNX_DOMAINS:
+        return None
+    source = node.inputs[0]
+    array = constant_array(source)
+    if source is None or array is None:
+        return None
+    attr = node.attributes.get("perm")
+    perm = tuple(attr.as_ints()) if attr is not None else tuple(reversed(range(array.ndim)))
+    return WeightView(source, perm, node)
 
 
 def _constant_node_array(node: ir.Node) -> np.ndarray | None:
@@ -155,6 +198,14 @@ def static_length(value: ir.Value | None, table: ShapeTable) -> int | None:
     if dims is not None and all(isinstance(d, int) for d in dims):
         return math.prod(dims)  # type: ignore[arg-type]
     return None
+
+
+def shape_range(node: ir.Node, rank: int) -> tuple[int, int]:
+    """The dims ``[start, end)`` a ``Shape`` node reads from an input of rank ``rank``."""
+    start = node.attributes.get_int("start", 0)
+    end = node.attributes.get_int("end", rank)
+    start, end = (min(max(x + rank if x < 0 else x, 0), rank) for x in (start, end))
+    return start, end
 
 
 def dims_product(dims: Sequence[Dim]) -> tuple[int, tuple[str, ...]] | None:

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from onnx_ir.passes.common import ShapeInferencePass
 
 import onnxforge
 from onnxforge.backend import Session, compare_outputs
@@ -80,14 +81,21 @@ def check_channel(text: str, **options) -> tuple[ir.Model, PrunePass]:
     """Channel-prune ``text``; check what every run must satisfy; return the result and pass.
 
     ``modified`` is honest, the result is valid, graph inputs and outputs keep their names
-    and shapes, and it runs at batch 3 with outputs of the original's shapes.
+    and shapes, and it runs at batch 3 with outputs of the original's shapes. The model is
+    annotated by shape inference first, so that the checker's strict inference compares every
+    shape the pass rewrote.
     """
     original, model = build(text), build(text)
+    ShapeInferencePass()(model)  # annotated values: the pass must keep their shapes right
     before = as_text(model)
     modified, pass_ = prune(model, granularity="channel", **options)
     assert modified == (as_text(model) != before)
     assert_valid(model)
-    for old, new in ((original.graph.inputs, model.graph.inputs), (original.graph.outputs, model.graph.outputs)):  # fmt: skip
+    pairs = (
+        (original.graph.inputs, model.graph.inputs),
+        (original.graph.outputs, model.graph.outputs),
+    )
+    for old, new in pairs:
         assert [v.name for v in old] == [v.name for v in new]
         assert [str(v.shape) for v in old] == [str(v.shape) for v in new]
     inputs = inputs_for(original)
@@ -122,21 +130,22 @@ def test_declaration_and_pipeline_text() -> None:
 
 
 @pytest.mark.parametrize(
-    "options",
+    ("options", "message"),
     [
-        {"sparsity": 1.0},
-        {"sparsity": -0.1},
-        {"n": 4, "m": 4},
-        {"n": 0},
-        {"n": 5, "m": 4},
-        {"granularity": "block"},
-        {"criterion": "l3"},
-        {"scope": "model"},
-        {"layers": [""]},
+        ({"sparsity": 1.0}, "sparsity must be in"),
+        ({"sparsity": -0.1}, "sparsity must be in"),
+        ({"n": 4, "m": 4}, "0 < n < m"),
+        ({"n": 0}, "0 < n < m"),
+        ({"n": 5, "m": 4}, "0 < n < m"),
+        ({"n": 1.5}, "integers"),
+        ({"granularity": "block"}, "granularity must be one of"),
+        ({"criterion": "l3"}, "criterion must be one of"),
+        ({"scope": "model"}, "scope must be one of"),
+        ({"layers": [""]}, "non-empty names"),
     ],
 )
-def test_invalid_options_are_refused(options) -> None:
-    with pytest.raises(ValueError):
+def test_invalid_options_are_refused(options, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
         PrunePass(**options)
 
 
@@ -148,7 +157,7 @@ def test_invalid_options_in_pipeline_text() -> None:
 
 
 def test_unknown_layer_name_is_refused() -> None:
-    model = build(CONV_CHAIN(**conv_chain_arrays()))
+    model = build(conv_chain_text(**conv_chain_arrays()))
     with pytest.raises(ValueError, match="no_such_layer"):
         prune(model, granularity="channel", layers=["no_such_layer"])
 
@@ -157,7 +166,7 @@ def test_unknown_layer_name_is_refused() -> None:
 # Unstructured and N:M sparsity
 
 
-def CONV_GEMM(**a: np.ndarray) -> str:  # noqa: N802  (a template, named like a constant)
+def conv_gemm_text(**a: np.ndarray) -> str:
     return f"""
     g (float[N,4,6,6] x) => (float[N,3] y) {weights(**a)} {{
         c = Conv <pads = [1, 1, 1, 1]> (x, w1, b1)
@@ -184,7 +193,7 @@ WEIGHTS = ("w1", "w2", "w3")
 @pytest.mark.parametrize("sparsity", [0.1, 0.5, 0.9])
 def test_unstructured_layer_sparsity_is_exact(sparsity: float) -> None:
     arrays = conv_gemm_arrays()
-    model = build(CONV_GEMM(**arrays))
+    model = build(conv_gemm_text(**arrays))
     modified, pass_ = prune(model, sparsity=sparsity)
     assert modified is True
     assert_valid(model)
@@ -206,7 +215,7 @@ def test_unstructured_layer_sparsity_is_exact(sparsity: float) -> None:
 def test_unstructured_global_uses_one_threshold() -> None:
     arrays = conv_gemm_arrays()
     arrays["w2"] *= 10  # a layer of large weights keeps more of them under one threshold
-    model = build(CONV_GEMM(**arrays))
+    model = build(conv_gemm_text(**arrays))
     prune(model, sparsity=0.6, scope="global")
     total = sum(arrays[n].size for n in WEIGHTS)
     zeros = {n: int((init(model, n) == 0).sum()) for n in WEIGHTS}
@@ -223,7 +232,7 @@ def test_nm_sparsity_is_exact(n: int, m: int) -> None:
         w1=normal(8, 8, 3, 3, seed=1), b1=normal(8, seed=2),
         w2=normal(16, 8, seed=3), b2=normal(16, seed=4), w3=normal(16, 3, seed=5),
     )  # fmt: skip
-    model = build(CONV_GEMM(**arrays).replace("float[N,4,6,6] x", "float[N,8,6,6] x"))
+    model = build(conv_gemm_text(**arrays).replace("float[N,4,6,6] x", "float[N,8,6,6] x"))
     modified, pass_ = prune(model, granularity="nm", n=n, m=m)
     assert modified is True
     assert_valid(model)
@@ -242,20 +251,20 @@ def test_nm_sparsity_is_exact(n: int, m: int) -> None:
 
 def test_nm_skips_a_layer_whose_reduction_axis_does_not_divide() -> None:
     arrays = conv_gemm_arrays()  # w1 has 4 input channels, w2 K=8, w3 K=12
-    model = build(CONV_GEMM(**arrays))
+    model = build(conv_gemm_text(**arrays))
     _, pass_ = prune(model, granularity="nm", n=1, m=8)
     np.testing.assert_array_equal(init(model, "w1"), arrays["w1"])  # 4 % 8 != 0
     np.testing.assert_array_equal(init(model, "w3"), arrays["w3"])  # 12 % 8 != 0
     assert (init(model, "w2") == 0).sum() == arrays["w2"].size * 7 // 8
     reasons = {
         layer: r for group in pass_.report.skipped for layer in group.layers for r in group.reasons
-    }  # noqa: E501
+    }
     assert len(reasons) == 2 and all("multiple of m=8" in r for r in reasons.values())
 
 
 @pytest.mark.parametrize("granularity", ["unstructured", "nm"])
 def test_sparsify_is_idempotent_and_keeps_shapes(granularity: str) -> None:
-    model = build(CONV_GEMM(**conv_gemm_arrays()))
+    model = build(conv_gemm_text(**conv_gemm_arrays()))
     params = sum(v.const_value.size for v in model.graph.initializers.values())
     assert prune(model, granularity=granularity)[0] is True
     settled = as_text(model)
@@ -269,7 +278,7 @@ def test_sparsify_is_idempotent_and_keeps_shapes(granularity: str) -> None:
 @pytest.mark.parametrize("granularity", ["unstructured", "channel"])
 @pytest.mark.parametrize("scope", ["layer", "global"])
 def test_sparsity_zero_changes_nothing(granularity: str, scope: str) -> None:
-    model = build(CONV_GEMM(**conv_gemm_arrays()))
+    model = build(conv_gemm_text(**conv_gemm_arrays()))
     before = as_text(model)
     modified, pass_ = prune(model, granularity=granularity, sparsity=0.0, scope=scope)
     assert modified is False
@@ -278,7 +287,7 @@ def test_sparsity_zero_changes_nothing(granularity: str, scope: str) -> None:
 
 
 def test_sparsify_report_and_log(caplog) -> None:
-    model = build(CONV_GEMM(**conv_gemm_arrays()))
+    model = build(conv_gemm_text(**conv_gemm_arrays()))
     with caplog.at_level(logging.INFO, logger="onnxforge.passes.prune"):
         _, pass_ = prune(model, sparsity=0.75)
     report = pass_.report
@@ -295,7 +304,7 @@ def test_sparsify_report_and_log(caplog) -> None:
 
 def test_unstructured_layers_restricts() -> None:
     arrays = conv_gemm_arrays()
-    model = build(CONV_GEMM(**arrays))
+    model = build(conv_gemm_text(**arrays))
     prune(model, sparsity=0.5, layers=["w2"])
     np.testing.assert_array_equal(init(model, "w1"), arrays["w1"])
     np.testing.assert_array_equal(init(model, "w3"), arrays["w3"])
@@ -306,7 +315,7 @@ def test_unstructured_layers_restricts() -> None:
 # Channel pruning on tiny graphs
 
 
-def CONV_CHAIN(**a: np.ndarray) -> str:  # noqa: N802
+def conv_chain_text(**a: np.ndarray) -> str:
     """Conv+bias -> BN -> Relu -> Conv -> Relu -> MaxPool -> Flatten -> Gemm (output)."""
     return f"""
     g (float[N,3,4,4] x) => (float[N,5] y) {weights(**a)} {{
@@ -332,7 +341,7 @@ def conv_chain_arrays() -> dict[str, np.ndarray]:
 
 def test_channel_chain_shrinks_bn_bias_next_layer_and_flatten() -> None:
     a = conv_chain_arrays()
-    model, pass_ = check_channel(CONV_CHAIN(**a), sparsity=0.5)
+    model, pass_ = check_channel(conv_chain_text(**a), sparsity=0.5)
     k1 = kept_channels([(a["w1"], 0)], 0.5)
     k2 = kept_channels([(a["w2"], 0)], 0.5)
     assert len(k1) == 3 and len(k2) == 2
@@ -346,10 +355,10 @@ def test_channel_chain_shrinks_bn_bias_next_layer_and_flatten() -> None:
     assert [str(v.shape) for n in model.graph for v in n.outputs][:2] == ["[N,3,4,4]"] * 2
     expected = dict(
         a, w1=a["w1"][k1], b1=a["b1"][k1], w2=a["w2"][k2][:, k1], w3=a["w3"][:, blocks(k2, 4)]
-    )  # noqa: E501
+    )
     for name in ("scale", "bias", "mean", "var"):
         expected[name] = a[name][k1]
-    assert_same_outputs(model, build(CONV_CHAIN(**expected)))
+    assert_same_outputs(model, build(conv_chain_text(**expected)))
     report = pass_.report
     assert [(g.channels_before, g.channels_after) for g in report.groups] == [(6, 3), (4, 2)]
     assert report.parameters_after < report.parameters_before
@@ -359,8 +368,8 @@ def test_channel_chain_shrinks_bn_bias_next_layer_and_flatten() -> None:
 
 def test_channel_pruning_is_lossy_and_second_run_prunes_again() -> None:
     a = conv_chain_arrays()
-    original = build(CONV_CHAIN(**a))
-    model, _ = check_channel(CONV_CHAIN(**a), sparsity=0.5)
+    original = build(conv_chain_text(**a))
+    model, _ = check_channel(conv_chain_text(**a), sparsity=0.5)
     inputs = inputs_for(original)
     assert compare_outputs(run(original, inputs), run(model, inputs)).rel_l2 > 0
     # not idempotent by design: each run removes half of what is left
@@ -375,7 +384,7 @@ def test_channel_criterion_ranks_by_norm(criterion: str) -> None:
     a = conv_chain_arrays()
     a["w1"][0] *= 0.01  # channel 0: small in both norms
     a["w1"][5, 0, 0, 0] = 30.0  # channel 5: one huge weight, large in l1 and l2
-    model, _ = check_channel(CONV_CHAIN(**a), sparsity=0.5, criterion=criterion)
+    model, _ = check_channel(conv_chain_text(**a), sparsity=0.5, criterion=criterion)
     k1 = kept_channels([(a["w1"], 0)], 0.5, criterion)
     assert 0 not in k1 and 5 in k1
     np.testing.assert_array_equal(init(model, "w1"), a["w1"][k1])
@@ -383,7 +392,7 @@ def test_channel_criterion_ranks_by_norm(criterion: str) -> None:
 
 def test_channel_global_scope_keeps_one_channel_per_group() -> None:
     a = conv_chain_arrays()
-    model, pass_ = check_channel(CONV_CHAIN(**a), sparsity=0.9, scope="global")
+    model, pass_ = check_channel(conv_chain_text(**a), sparsity=0.9, scope="global")
     total = sum(g.channels_before for g in pass_.report.groups)
     removed = sum(g.channels_before - g.channels_after for g in pass_.report.groups)
     assert all(g.channels_after >= 1 for g in pass_.report.groups)
@@ -394,10 +403,10 @@ def test_channel_global_scope_keeps_one_channel_per_group() -> None:
 
 def test_channel_layers_restricts() -> None:
     a = conv_chain_arrays()
-    by_weight, _ = check_channel(CONV_CHAIN(**a), sparsity=0.5, layers=["w2"])
+    by_weight, _ = check_channel(conv_chain_text(**a), sparsity=0.5, layers=["w2"])
     assert init(by_weight, "w1").shape == a["w1"].shape
     assert init(by_weight, "w2").shape == (2, 6, 3, 3)
-    model = build(CONV_CHAIN(**a))
+    model = build(conv_chain_text(**a))
     first_conv = next(n for n in model.graph if n.op_type == "Conv")
     first_conv.name = "conv_a"
     modified, pass_ = prune(model, granularity="channel", sparsity=0.5, layers=["conv_a"])
@@ -408,7 +417,7 @@ def test_channel_layers_restricts() -> None:
     assert_valid(model)
 
 
-def RESIDUAL(**a: np.ndarray) -> str:  # noqa: N802
+def residual_text(**a: np.ndarray) -> str:
     """Two Convs feeding one Add (a residual block), and a third Conv after it."""
     return f"""
     g (float[N,3,4,4] x) => (float[N,2,4,4] y) {weights(**a)} {{
@@ -433,7 +442,7 @@ def residual_arrays() -> dict[str, np.ndarray]:
 
 def test_residual_add_prunes_its_producers_together() -> None:
     a = residual_arrays()
-    model, pass_ = check_channel(RESIDUAL(**a), sparsity=0.5)
+    model, pass_ = check_channel(residual_text(**a), sparsity=0.5)
     tied = kept_channels([(a["ws"], 0), (a["w2"], 0)], 0.5)  # by the summed norms
     inner = kept_channels([(a["w1"], 0)], 0.5)
     np.testing.assert_array_equal(init(model, "ws"), a["ws"][tied])
@@ -445,7 +454,7 @@ def test_residual_add_prunes_its_producers_together() -> None:
         ws=a["ws"][tied], w1=a["w1"][inner][:, tied], b1=a["b1"][inner],
         w2=a["w2"][tied][:, inner], b2=a["b2"][tied], wo=a["wo"][:, tied],
     )  # fmt: skip
-    assert_same_outputs(model, build(RESIDUAL(**expected)))
+    assert_same_outputs(model, build(residual_text(**expected)))
     sizes = sorted(len(g.layers) for g in pass_.report.groups)
     assert sizes == [1, 2]
 
@@ -453,7 +462,7 @@ def test_residual_add_prunes_its_producers_together() -> None:
 def test_concat_lays_groups_end_to_end() -> None:
     a = dict(
         w1=normal(4, 3, 1, 1, seed=1), w2=normal(6, 3, 1, 1, seed=2), w3=normal(2, 10, 1, 1, seed=3)
-    )  # noqa: E501
+    )
     text = f"""
     g (float[N,3,4,4] x) => (float[N,2,4,4] y) {weights(**a)} {{
         c1 = Conv (x, w1)
@@ -489,7 +498,7 @@ def test_depthwise_conv_passes_channels_and_shrinks_group() -> None:
         wd=normal(8, 1, 3, 3, seed=2),
         bd=normal(8, seed=3),
         w3=normal(2, 8, 1, 1, seed=4),
-    )  # noqa: E501
+    )
     text = f"""
     g (float[N,3,4,4] x) => (float[N,2,4,4] y) {weights(**a)} {{
         c1 = Conv (x, w1)
@@ -505,6 +514,34 @@ def test_depthwise_conv_passes_channels_and_shrinks_group() -> None:
     np.testing.assert_array_equal(init(model, "wd"), a["wd"][out])
     np.testing.assert_array_equal(init(model, "bd"), a["bd"][out])
     np.testing.assert_array_equal(init(model, "w3"), a["w3"][:, out])
+
+
+def conv_transpose_text(**a: np.ndarray) -> str:
+    return f"""
+    g (float[N,3,4,4] x) => (float[N,2,8,8] y) {weights(**a)} {{
+        c = Conv (x, w1)
+        u = ConvTranspose <strides = [2, 2]> (c, wt, bt)
+        r = Relu (u)
+        y = Conv (r, w2)
+    }}
+    """
+
+
+def test_conv_transpose_weights_are_sliced_on_their_own_axes() -> None:
+    # ConvTranspose's weight is [C_in, C_out, kh, kw]: input channels on axis 0, outputs on 1
+    a = dict(
+        w1=normal(4, 3, 1, 1, seed=1), wt=normal(4, 6, 2, 2, seed=2), bt=normal(6, seed=3),
+        w2=normal(2, 6, 1, 1, seed=4),
+    )  # fmt: skip
+    model, _ = check_channel(conv_transpose_text(**a), sparsity=0.5)
+    k1 = kept_channels([(a["w1"], 0)], 0.5)
+    kt = kept_channels([(a["wt"], 1)], 0.5)
+    expected = dict(
+        w1=a["w1"][k1], wt=a["wt"][k1][:, kt], bt=a["bt"][kt], w2=a["w2"][:, kt]
+    )  # fmt: skip
+    for name, array in expected.items():
+        np.testing.assert_array_equal(init(model, name), array)
+    assert_same_outputs(model, build(conv_transpose_text(**expected)))
 
 
 def test_reshape_target_is_rewritten_and_mlp_layers_follow() -> None:
@@ -534,7 +571,7 @@ def test_reshape_target_is_rewritten_and_mlp_layers_follow() -> None:
 def test_exporter_style_flatten_shape_concat_is_rewritten() -> None:
     a = dict(
         w1=normal(4, 3, 3, 3, seed=1), w2=normal(2, 16, seed=2), minus=np.array([-1], np.int64)
-    )  # noqa: E501
+    )
     text = f"""
     g (float[N,3,4,4] x) => (float[N,2] y) {weights(**a)} {{
         c = Conv <strides = [2, 2], pads = [1, 1, 1, 1]> (x, w1)
@@ -561,7 +598,7 @@ def test_run_time_bias_is_gathered_and_weight_shape_folded() -> None:
         w1=normal(4, 3, 1, 1, seed=1),
         zero=np.zeros((), np.float32) + 0.5,
         w2=normal(2, 4, 1, 1, seed=2),
-    )  # noqa: E501
+    )
     text = f"""
     g (float[N,3,4,4] x) => (float[N,2,4,4] y) {weights(**a)} {{
         s = Shape <start = 0, end = 1> (w1)
@@ -588,10 +625,58 @@ def test_run_time_bias_is_gathered_and_weight_shape_folded() -> None:
     assert_same_outputs(model, expected)
 
 
+def feed_forward_text(**a: np.ndarray) -> str:
+    """A transformer feed-forward block as the dynamo exporter writes nn.Linear."""
+    return f"""
+    g (float[B,S,4] x) => (float[B,S,4] y) {weights(**a)} {{
+        t1 = Transpose <perm = [1, 0]> (w1)
+        m1 = MatMul (x, t1)
+        h = Add (m1, b1)
+        g = Gelu (h)
+        t2 = Transpose <perm = [1, 0]> (w2)
+        m2 = MatMul (g, t2)
+        y = Add (m2, b2)
+    }}
+    """
+
+
+def feed_forward_arrays() -> dict[str, np.ndarray]:
+    return dict(
+        w1=normal(8, 4, seed=1), b1=normal(8, seed=2), w2=normal(4, 8, seed=3),
+        b2=normal(4, seed=4),
+    )  # fmt: skip
+
+
+def test_weights_under_a_transpose_are_pruned_in_place() -> None:
+    a = feed_forward_arrays()
+    model, pass_ = check_channel(feed_forward_text(**a), sparsity=0.5)
+    kept = kept_channels([(a["w1"], 0)], 0.5)  # nn.Linear layout: [out, in]
+    np.testing.assert_array_equal(init(model, "w1"), a["w1"][kept])
+    np.testing.assert_array_equal(init(model, "b1"), a["b1"][kept])
+    np.testing.assert_array_equal(init(model, "w2"), a["w2"][:, kept])
+    assert [n.op_type for n in model.graph].count("Transpose") == 2  # no Gather, no copies
+    expected = dict(a, w1=a["w1"][kept], b1=a["b1"][kept], w2=a["w2"][:, kept])
+    assert_same_outputs(model, build(feed_forward_text(**expected)))
+    assert [row.weight for row in pass_.report.rows] == ["w1", "w2"]
+
+
+def test_unstructured_and_nm_reach_weights_under_a_transpose() -> None:
+    a = feed_forward_arrays()
+    model = build(feed_forward_text(**a))
+    prune(model, sparsity=0.5)
+    for name in ("w1", "w2"):
+        assert (init(model, name) == 0).sum() == a[name].size // 2
+    model = build(feed_forward_text(**a))
+    prune(model, granularity="nm", n=2, m=4)
+    for name in ("w1", "w2"):  # runs of 4 along K: the input axis of nn.Linear's [out, in]
+        runs = init(model, name).reshape(-1, 4)
+        assert ((runs == 0).sum(axis=1) == 2).all()
+
+
 def test_branches_each_lose_the_removed_input_channels() -> None:
     a = dict(
         w1=normal(4, 3, 1, 1, seed=1), w2=normal(2, 4, 1, 1, seed=2), w3=normal(2, 4, 1, 1, seed=3)
-    )  # noqa: E501
+    )
     text = f"""
     g (float[N,3,4,4] x) => (float[N,2,4,4] y, float[N,2,4,4] z) {weights(**a)} {{
         c = Conv (x, w1)
@@ -679,7 +764,7 @@ def test_channels_read_inside_a_subgraph_are_left_alone() -> None:
 def test_one_unresolvable_segment_leaves_the_others_prunable() -> None:
     a = dict(
         w1=normal(4, 3, 1, 1, seed=1), w2=normal(4, 3, 1, 1, seed=2), w3=normal(2, 8, 1, 1, seed=3)
-    )  # noqa: E501
+    )
     text = f"""
     g (float[N,3,4,4] x) => (float[N,2,4,4] y, float[N,4,4,4] z) {weights(**a)} {{
         c1 = Conv (x, w1)
@@ -694,7 +779,7 @@ def test_one_unresolvable_segment_leaves_the_others_prunable() -> None:
     assert init(model, "w2").shape == (4, 3, 1, 1)  # c2 reaches graph output z
     np.testing.assert_array_equal(
         init(model, "w3"), a["w3"][:, np.concatenate([k1, 4 + np.arange(4)])]
-    )  # noqa: E501
+    )
     assert len(pass_.report.skipped) == 2  # c2's group, and the output Conv's
 
 
@@ -704,7 +789,7 @@ def test_one_unresolvable_segment_leaves_the_others_prunable() -> None:
 
 def test_mac_counter() -> None:
     a = conv_chain_arrays()
-    model = build(CONV_CHAIN(**a))
+    model = build(conv_chain_text(**a))
     macs = count_macs(model)
     conv1 = 6 * 4 * 4 * (3 * 3 * 3)  # output elements x (C_in * kh * kw), batch 1
     conv2 = 4 * 4 * 4 * (6 * 3 * 3)
@@ -777,7 +862,7 @@ def chain_model(spec) -> tuple[str, dict[str, np.ndarray]]:
         a["wh"], a["bh"] = (
             draw(spec["hidden"], features) / np.float32(math.sqrt(features)),
             draw(spec["hidden"]),
-        )  # noqa: E501
+        )
         if spec["matmul"]:
             lines += ["hm = MatMul (f, whT)", "h = Add (hm, bh)"]
         else:
@@ -828,7 +913,7 @@ def torch_pruned(spec, a: dict[str, np.ndarray], sparsity: float, x: np.ndarray)
     return F.linear(h, t["wo"][:, cols], t["bo"]).numpy()
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(spec=chains(), sparsity=st.sampled_from([0.0, 0.25, 0.5, 0.75]))
 def test_random_chains_match_pytorch_pruned_the_same_way(spec, sparsity: float) -> None:
     text, a = chain_model(spec)
@@ -957,7 +1042,7 @@ def test_resnet_residual_groups_stay_consistent(exported) -> None:
 @pytest.mark.parametrize(
     "pipeline",
     ["prune{granularity=channel,sparsity=0.5}", "cleanup,prune{granularity=channel,sparsity=0.5}"],
-)  # noqa: E501
+)
 def test_optimize_with_structure_verification(exported, name: str, pipeline: str) -> None:
     model = exported(name)
     result = onnxforge.optimize(model, pipeline, verify="structure")
