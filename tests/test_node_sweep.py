@@ -245,3 +245,19 @@ def test_node_cases_still_right_after_the_pipeline(record_property) -> None:
         + [f"  {name}: {why}" for name, why in sorted(result.failures.items())]
     )
     assert result.right_after == result.right_before
+
+
+# Pruning is lossy where it applies; in ONNX's node cases weights are graph inputs, not
+# constants, so it must leave every case as it was: valid, runnable, and still right.
+PRUNE_PIPELINE = "fold-constants,cleanup,prune{granularity=channel},fuse"
+
+
+@pytest.mark.slow
+def test_node_cases_still_right_with_prune_in_the_pipeline() -> None:
+    result = run_node_sweep(PRUNE_PIPELINE)
+    assert result.right_before > MIN_RIGHT_BEFORE, result.counts()
+    assert not result.failures, "\n".join(
+        [f"{len(result.failures)} node cases broke under {result.pipeline}:"]
+        + [f"  {name}: {why}" for name, why in sorted(result.failures.items())]
+    )
+    assert result.right_after == result.right_before
