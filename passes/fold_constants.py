@@ -59,6 +59,7 @@ import onnx_ir as ir
 from onnxscript.optimizer import _constant_folding
 
 from onnxforge.passes.base import Pass, PassResult, Semantics
+from onnxforge.passes.cleanup import NON_DETERMINISTIC_OPS
 from onnxforge.passes.registry import register
 from onnxforge.passes.statistics import iter_graphs
 
@@ -84,22 +85,14 @@ DEFAULT_OUTPUT_SIZE_LIMIT = 1024 * 1024
 DEFAULT_SHAPE_INFERENCE = True
 
 _ONNX_DOMAINS = frozenset({"", "ai.onnx"})
-NEVER_FOLD_OPS = frozenset(
-    {
-        # non-deterministic: a folded sample would be the same on every run
-        "RandomNormal",
-        "RandomUniform",
-        "RandomNormalLike",
-        "RandomUniformLike",
-        "Multinomial",
-        "Bernoulli",
-        "Dropout",  # in training mode; onnxscript rewrites inference-mode Dropout to Identity
-        # quantization: the scale and zero point are what later passes and runtimes look for
-        "QuantizeLinear",
-        "DequantizeLinear",
-        "DynamicQuantizeLinear",
-    }
-)
+NEVER_FOLD_OPS = NON_DETERMINISTIC_OPS | {
+    # non-deterministic ops above: a folded sample would be the same on every run (Dropout in
+    # training mode; onnxscript rewrites inference-mode Dropout to Identity)
+    # quantization: the scale and zero point are what later passes and runtimes look for
+    "QuantizeLinear",
+    "DequantizeLinear",
+    "DynamicQuantizeLinear",
+}
 # Shape inference reads the values of constant inputs up to this many elements: the inputs whose
 # values decide a shape (Reshape's shape, Tile's repeats, Range's limits, ...) are far smaller.
 _INFERENCE_DATA_LIMIT = 1024
