@@ -3,6 +3,8 @@
 Built on onnx-ir's common passes and onnxscript's rewrite rules where they are right, in the
 order that lets each step expose work for the next:
 
+0. Constant nodes become initializers (a Constant node and an initializer are the same value;
+   the initializer costs no node, and step 3 then merges equal ones);
 1. no-op elimination (rewrite rules): each no-op becomes an Identity of its input, which step
    2 then removes;
 2. Identity elimination (our own, below): it rewires uses, so that CSE sees equal inputs;
@@ -10,7 +12,16 @@ order that lets each step expose work for the next:
 4. common-subexpression elimination (onnx-ir's pass, guarded against random ops);
 5. dead-node and dead-initializer removal, then unused opset imports.
 
-Every step reaches into If/Loop/Scan bodies and model-local functions.
+Every step reaches into If/Loop/Scan bodies and model-local functions, except step 0, which
+leaves functions alone (a function has no initializers).
+
+Constant lifting is our own: onnx-ir's ``LiftConstantsToInitializersPass`` raises on a
+``sparse_value`` Constant, skips Constants in the ``ai.onnx`` domain spelled out, and by default
+keeps small tensors as nodes. Here every Constant of the main graph and its subgraphs whose
+value is a dense tensor, a number, or a list of numbers or strings becomes an initializer of its
+graph under its output's name, unless that output is a graph output (an output must be computed
+by the graph) or the model's IR version is below 4 (where every initializer must also be a graph
+input, which would let the caller override it).
 
 No-ops removed (each only when provably a no-op; ``x`` keeps its value bit for bit):
 
@@ -69,6 +80,7 @@ from onnxforge.passes.registry import register
 
 __all__ = [
     "CleanupPass",
+    "lift_constants",
     "DEFAULT_DEDUPLICATE_SIZE_LIMIT",
     "DEFAULT_CSE_SIZE_LIMIT",
     "NON_DETERMINISTIC_OPS",
@@ -104,6 +116,8 @@ _DETERMINISTIC_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft"
 _ONNX_DOMAINS = ("", "ai.onnx")
 _CSE_BARRIER = "onnxforge.cse_barrier"
 _INT64_MAX = np.iinfo(np.int64).max
+# Before IR version 4, an initializer had to be a graph input too (so the caller could feed it).
+_INITIALIZERS_WITHOUT_INPUTS_IR_VERSION = 4
 
 
 def _subgraphs(node: ir.Node) -> list[ir.Graph]:
@@ -162,6 +176,67 @@ def eliminate_identities(graph: ir.Graph) -> int:
             name = copy.name
             copy.name = None
             source.name = name
+        graph.remove(node, safe=True)
+        count += 1
+    return count
+
+
+# ---------------------------------------------------------------------------------------------
+# Constant nodes into initializers
+
+
+def _constant_tensor(node: ir.Node) -> ir.TensorProtocol | None:
+    """The value of a Constant node as a tensor, or None when it is not a plain dense value."""
+    if node.op_type != "Constant" or node.domain not in _ONNX_DOMAINS or len(node.attributes) != 1:
+        return None
+    ((name, attr),) = node.attributes.items()
+    if attr.is_ref():
+        return None
+    if name == "value":
+        return attr.as_tensor()
+    arrays = {
+        "value_int": lambda: np.array(attr.as_int(), np.int64),
+        "value_ints": lambda: np.array(attr.as_ints(), np.int64),
+        "value_float": lambda: np.array(attr.as_float(), np.float32),
+        "value_floats": lambda: np.array(attr.as_floats(), np.float32),
+        "value_string": lambda: np.array(attr.as_string().encode(), np.bytes_),
+        "value_strings": lambda: np.array([s.encode() for s in attr.as_strings()], np.bytes_),
+    }
+    if name not in arrays:  # sparse_value: a sparse initializer is another kind of thing
+        return None
+    array = arrays[name]()
+    if array.dtype == np.bytes_:
+        return ir.StringTensor(array)
+    return ir.tensor(array)
+
+
+def lift_constants(model: ir.Model) -> int:
+    """Turn the Constant nodes of the main graph and its subgraphs into initializers.
+
+    Returns how many were lifted; see the module docstring for those left alone.
+    """
+    if model.ir_version < _INITIALIZERS_WITHOUT_INPUTS_IR_VERSION:
+        return 0
+    count = 0
+    for node in list(ir.traversal.RecursiveGraphIterator(model.graph)):
+        tensor = _constant_tensor(node)
+        output = node.outputs[0] if len(node.outputs) == 1 else None
+        if tensor is None or output is None or output.is_graph_output():
+            continue
+        graph = node.graph
+        assert graph is not None  # the iterator yields nodes of graphs
+        name = output.name
+        output.name = None  # the initializer takes the name
+        initializer = ir.Value(
+            name=name,
+            shape=ir.Shape(tensor.shape.numpy()),
+            type=ir.TensorType(tensor.dtype),
+            const_value=tensor,
+            metadata_props=output.metadata_props.copy(),
+        )
+        initializer.meta.update(output.meta)
+        graph.register_initializer(initializer)
+        ir.convenience.replace_all_uses_with(output, initializer)
         graph.remove(node, safe=True)
         count += 1
     return count
@@ -456,12 +531,12 @@ def _shape_of_graph(model: ir.Model) -> tuple:
 
 @register
 class CleanupPass(Pass):
-    """Remove no-ops, Identity nodes, duplicate initializers, common subexpressions, dead code."""
+    """Lift Constants; remove no-ops, Identity nodes, duplicate initializers, CSE, dead code."""
 
     name = "cleanup"
     summary = (
-        "Remove no-op and Identity nodes, duplicate initializers, common subexpressions, "
-        "dead nodes and initializers."
+        "Turn Constant nodes into initializers; remove no-op and Identity nodes, duplicate "
+        "initializers, common subexpressions, dead nodes and initializers."
     )
     semantics = Semantics.EXACT
 
@@ -472,16 +547,18 @@ class CleanupPass(Pass):
         size_limit: int = DEFAULT_DEDUPLICATE_SIZE_LIMIT,
         no_ops: bool = True,
         cse: bool = True,
+        lift_constants: bool = True,
     ) -> None:
         self.deduplicate = deduplicate
         self.size_limit = size_limit
         self.no_ops = no_ops
         self.cse = cse
+        self.lift_constants = lift_constants
 
     def call(self, model: ir.Model) -> PassResult:
         """Run the steps once each; ``modified`` is true when any step changed the model."""
         before = _shape_of_graph(model)
-        modified = False
+        modified = self.lift_constants and lift_constants(model) > 0
         rules = no_op_rules() if self.no_ops else None
         while True:
             # Each rewrite turns a no-op into an Identity, which goes next, so that a no-op that

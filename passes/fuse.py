@@ -9,14 +9,22 @@ Two rule sets, chosen with ``rules`` (both by default), for an execution-provide
 - ``transformer``: decomposed layer norm into LayerNormalization, erf- and tanh-form GELU into
   ``com.microsoft`` Gelu/FastGelu, residual Add + LayerNormalization into
   SkipLayerNormalization, scaled dot-product attention into MultiHeadAttention and Attention,
-  and bias + GELU into BiasGelu (onnxscript's ``ort_fusions``, with guards).
+  and bias + GELU into BiasGelu (onnxscript's ``ort_fusions``, with guards); and, with
+  ``binary_masks`` (on by default, CPU target), an additive padding mask ``(1 - m) * c`` fed to
+  Attention as the raw 0/1 mask ``m`` (its ``mask_index``).
 
 Each family's module in ``onnxforge.passes.fusion_rules`` states its math. Every rewrite
 computes the same formula with a different rounding or summation order, so the pass is
 ``reassociating``. No rule changes the formula: exact GELU is never replaced by the tanh
 approximation (a tanh-form GELU already in the model becomes FastGelu, which computes that
-same tanh formula). A rule never fires when an intermediate value of its pattern has another
-consumer or is a graph output (onnxscript's matcher refuses such matches). Rules reach into
+same tanh formula). One rule rests on an assumption about the inputs instead, and only runs
+with ``binary_masks``: an integer graph input that reaches Attention's additive mask only
+through Cast, Unsqueeze/Reshape, ``(1 - m) * c`` (or Sub/Mul/Where variants, and the index
+grids of HuggingFace's vmap-built masks) is taken to be a 0/1 padding mask and fed to Attention
+as its mask index, with ``mask_filter_value = c``; on 0/1 masks the outputs are bit for bit
+the same, on other values they differ (``fusion_rules.attention_mask`` states the math and
+the provenance it proves). A rule never fires when an intermediate value of its pattern has
+another consumer or is a graph output (onnxscript's matcher refuses such matches). Rules reach into
 If/Loop/Scan bodies (onnxscript's rewriter walks them), not into model-local functions for
 the folds that need new initializers.
 
@@ -50,6 +58,7 @@ from onnxforge.passes.fold_constants import FoldConstantsPass
 from onnxforge.passes.fusion_rules import (
     activation,
     attention,
+    attention_mask,
     batchnorm,
     conv_bias,
     gelu,
@@ -70,6 +79,7 @@ __all__ = [
     "TARGETS",
     "DEFAULT_RULES",
     "DEFAULT_TARGET",
+    "DEFAULT_BINARY_MASKS",
 ]
 
 logger = logging.getLogger(__name__)
@@ -78,6 +88,9 @@ RULE_SETS = ("cnn", "transformer")
 TARGETS = ("cpu", "cuda")
 DEFAULT_RULES: tuple[str, ...] = RULE_SETS
 DEFAULT_TARGET = "cpu"
+# Integer masks that reach Attention's additive mask as (1 - m) * c are 0/1 padding masks:
+# the convention of BERT-style attention_mask inputs, and ONNX Runtime's optimizer's assumption.
+DEFAULT_BINARY_MASKS = True
 
 # What onnxscript's matcher says when a full structural match is refused because an
 # intermediate value has another consumer or is a graph output.
@@ -95,11 +108,11 @@ class _Stage:
 
 
 @functools.cache
-def _stages(rule_sets: tuple[str, ...], target: str) -> tuple[_Stage, ...]:
+def _stages(rule_sets: tuple[str, ...], target: str, binary_masks: bool) -> tuple[_Stage, ...]:
     """The stages in order: each family's rules see the graph its predecessors left.
 
-    Built once per (rule sets, target): the rules are stateless, and building them costs more
-    than applying them to a small graph.
+    Built once per (rule sets, target, binary_masks): the rules keep no state between matches,
+    and building them costs more than applying them to a small graph.
     """
     stages: list[_Stage] = []
     if "cnn" in rule_sets:
@@ -129,9 +142,12 @@ def _stages(rule_sets: tuple[str, ...], target: str) -> tuple[_Stage, ...]:
                     fuses=name != attention.SHAPE_READERS,
                 )
             )
+        if binary_masks:
+            # on the Attention nodes the stages above made, reading their additive masks
+            stages.append(_Stage("attention-mask", attention_mask.rules(target)))
         # after attention: BiasGelu must not take the Adds that the MHA bias fusion wants
         stages.append(_Stage("bias-gelu", gelu.bias_gelu_rules(target)))
-    return tuple(stages)
+    return tuple(stage for stage in stages if stage.rules)  # a target may have none of a family
 
 
 def _infer_shapes(model: ir.Model) -> None:
@@ -223,7 +239,15 @@ def _validated_rules(rules: Sequence[str]) -> tuple[str, ...]:
 
 @register
 class FusePass(FunctionalPass):
-    """Fuse op chains into ONNX Runtime's fused ops (CNN and transformer rule sets)."""
+    """Fuse op chains into ONNX Runtime's fused ops (CNN and transformer rule sets).
+
+    Options: ``rules``, the rule sets; ``target``, the execution provider whose kernels the
+    fused ops must have; ``binary_masks`` (CPU target): an integer graph input that reaches
+    Attention's additive mask only through Cast, Unsqueeze/Reshape, ``(1 - m) * c`` (or
+    Sub/Mul variants) is taken to be a 0/1 padding mask and fed to Attention as its mask index
+    (bit for bit on 0/1 masks, different on others); ``binary_masks=false`` keeps the additive
+    mask.
+    """
 
     name = "fuse"
     summary = (
@@ -237,11 +261,16 @@ class FusePass(FunctionalPass):
         *,
         rules: tuple[str, ...] = DEFAULT_RULES,
         target: Literal["cpu", "cuda"] = DEFAULT_TARGET,
+        # an integer graph input that reaches Attention's additive mask only through Cast,
+        # Unsqueeze/Reshape, (1 - m) * c (or Sub/Mul variants) is taken to be a 0/1 padding
+        # mask and fed to Attention as its mask index; false keeps the additive mask
+        binary_masks: bool = DEFAULT_BINARY_MASKS,
     ) -> None:
         if target not in TARGETS:
             raise ValueError(f"unknown target {target!r}; choices: {', '.join(TARGETS)}")
         self.rules = _validated_rules(rules)
         self.target = target
+        self.binary_masks = binary_masks
 
     def call(self, model: ir.Model) -> PassResult:
         """Canonicalise and fuse a copy; an unchanged copy when no fusion fires."""
@@ -249,7 +278,7 @@ class FusePass(FunctionalPass):
         canonicalize(fused)
         counts: collections.Counter[str] = collections.Counter()
         fusions = 0
-        for stage in _stages(self.rules, self.target):
+        for stage in _stages(self.rules, self.target, self.binary_masks):
             count = _apply_stage(fused, stage)
             counts[stage.name] += count
             fusions += count if stage.fuses else 0
@@ -271,7 +300,7 @@ class FusePass(FunctionalPass):
 
     def explain(self, model: ir.Model) -> list[NearMiss]:
         """The near-misses of this pass's rules on ``model`` (which is left unchanged)."""
-        return explain(model, rules=self.rules, target=self.target)
+        return explain(model, rules=self.rules, target=self.target, binary_masks=self.binary_masks)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,8 +370,9 @@ def explain(
     *,
     rules: Sequence[str] = DEFAULT_RULES,
     target: Literal["cpu", "cuda"] = DEFAULT_TARGET,
+    binary_masks: bool = DEFAULT_BINARY_MASKS,
 ) -> list[NearMiss]:
-    """Near-misses of ``fuse{rules,target}`` on ``model``: refused matches, with reasons.
+    """Near-misses of ``fuse{rules,target,binary_masks}`` on ``model``: refused matches, why.
 
     Runs the pass's stages on a copy, tracing each stage before applying it, so that a later
     stage's near-misses are found on the graph the earlier stages leave (only the main graph's
@@ -354,7 +384,7 @@ def explain(
     work = model.clone()
     canonicalize(work)
     found: list[tuple[ir.Node, NearMiss]] = []
-    for stage in _stages(rule_sets, target):
+    for stage in _stages(rule_sets, target, binary_masks):
         # Traced on a copy: onnxscript builds each successful match's replacement even while
         # tracing, and the unused replacement nodes stay behind as readers of graph values.
         probe = work.clone()

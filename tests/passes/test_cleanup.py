@@ -668,6 +668,135 @@ def test_no_op_inside_an_if_branch() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Constant nodes into initializers
+
+# (input type, the Constant's attribute, the value it holds)
+CONSTANTS = {
+    "value": ("float[N,3]", "value = float[3] {1.5, -2.0, 3.0}", np.array([1.5, -2.0, 3.0])),
+    "value_float": ("float[N,3]", "value_float = 2.5", np.array(2.5)),
+    "value_floats": ("float[N,3]", "value_floats = [1.5, -2.0, 3.0]", np.array([1.5, -2.0, 3.0])),
+    "value_int": ("int64[N,3]", "value_int = 7", np.array(7)),
+    "value_ints": ("int64[N,3]", "value_ints = [1, -2, 3]", np.array([1, -2, 3])),
+}
+
+
+@pytest.mark.parametrize("form", CONSTANTS)
+def test_constant_becomes_an_initializer(form: str) -> None:
+    kind, attribute, value = CONSTANTS[form]
+    model = check_cleanup(
+        f"""
+        g ({kind} x) => ({kind} y) {{
+            k = Constant<{attribute}>()
+            a = Mul(x, k)
+            y = Add(a, k)
+        }}
+        """
+    )
+    assert op_counts(model) == {"Mul": 1, "Add": 1}
+    (k,) = model.graph.initializers.values()
+    assert k.name == "k"
+    np.testing.assert_array_equal(k.const_value.numpy(), value)
+    mul, add = model.graph
+    assert mul.inputs[1] is add.inputs[1] is k
+
+
+def test_equal_constants_become_one_initializer() -> None:
+    model = check_cleanup(
+        """
+        g (float[N,3] x) => (float[N,3] y) {
+            k1 = Constant<value_floats = [1.0, 2.0, 3.0]>()
+            k2 = Constant<value = float[3] {1.0, 2.0, 3.0}>()
+            a = Mul(x, k1)
+            y = Add(a, k2)
+        }
+        """
+    )
+    assert op_counts(model) == {"Mul": 1, "Add": 1}
+    assert list(model.graph.initializers) == ["k1"]
+
+
+def test_constant_that_is_a_graph_output_stays() -> None:
+    model = check_unchanged(
+        """
+        g (float[N,3] x) => (float[N,3] y, float[3] k) {
+            k = Constant<value_floats = [1.0, 2.0, 3.0]>()
+            y = Mul(x, k)
+        }
+        """
+    )
+    assert op_counts(model) == {"Constant": 1, "Mul": 1}
+
+
+def test_constant_inside_an_if_branch_becomes_its_initializer() -> None:
+    model = check_cleanup(
+        """
+        g (bool c, float[N,3] x) => (float[N,3] y) {
+            y = If(c) <
+                then_branch = t () => (float[N,3] ty) {
+                    k = Constant<value_floats = [1.0, 2.0, 3.0]>()
+                    ty = Mul(x, k)
+                },
+                else_branch = e () => (float[N,3] ey) { ey = Neg(x) }
+            >
+        }
+        """,
+        {"c": np.array(True), "x": np.random.default_rng(4).standard_normal((2, 3), np.float32)},
+    )
+    assert op_counts(model) == {"If": 1, "Mul": 1, "Neg": 1}
+    (if_node,) = model.graph
+    then_branch = if_node.attributes["then_branch"].as_graph()
+    assert list(then_branch.initializers) == ["k"]
+    assert not model.graph.initializers
+
+
+def test_constant_inside_a_function_stays() -> None:
+    # a function has no initializers
+    model = check_unchanged(
+        """
+        <ir_version: 10, opset_import: ["" : 20, "local" : 1]>
+        g (float[N,3] x) => (float[N,3] y) { y = local.scale(x) }
+        <domain: "local", opset_import: ["" : 20]>
+        scale (p) => (q) {
+            k = Constant<value_float = 2.0>()
+            q = Mul(p, k)
+        }
+        """
+    )
+    (function,) = model.functions.values()
+    assert [n.op_type for n in function] == ["Constant", "Mul"]
+
+
+def test_lifting_is_an_option() -> None:
+    text = """
+        g (float[N,3] x) => (float[N,3] y) {
+            k = Constant<value_float = 2.0>()
+            y = Mul(x, k)
+        }
+        """
+    model = build(text)
+    assert cleanup(model, lift_constants=False) is False
+    assert op_counts(model) == {"Constant": 1, "Mul": 1}
+    model = check_cleanup(text)
+    assert op_counts(model) == {"Mul": 1}
+
+
+def test_constants_stay_before_ir_version_4() -> None:
+    # an initializer had to be a graph input too, which the caller could override
+    model = build(
+        """
+        <ir_version: 3, opset_import: ["" : 8]>
+        g (float[N,3] x) => (float[N,3] y) {
+            k = Constant<value = float[3] {1.0, 2.0, 3.0}>()
+            y = Mul(x, k)
+        }
+        """
+    )
+    assert cleanup(model) is False
+    assert op_counts(model) == {"Constant": 1, "Mul": 1}
+    assert not model.graph.initializers
+
+
+# ---------------------------------------------------------------------------------------------
 # Common-subexpression elimination
 
 

