@@ -12,7 +12,7 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
-from onnxforge.errors import InputError
+from onnxforge.errors import InputError, first_line
 
 __all__ = ["Session", "BoundRun", "EP_PROVIDERS", "GRAPH_OPTIMIZATION_LEVELS", "available_eps"]
 
@@ -100,8 +100,8 @@ class Session:
                     provider_options=provider_opts,
                 )
         except Exception as error:  # ORT raises its own exception types
-            first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-            raise InputError(f"ONNX Runtime cannot load the model: {first_line}") from error
+            reason = first_line(error)
+            raise InputError(f"ONNX Runtime cannot load the model: {reason}") from error
         self.input_names = [i.name for i in self._session.get_inputs()]
         self.output_names = [o.name for o in self._session.get_outputs()]
         # Initializers that are also graph inputs: a caller may feed them to override them.

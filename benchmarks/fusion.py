@@ -30,6 +30,7 @@ import onnx_ir as ir
 import onnxforge
 from onnxforge.backend import Session, compare_outputs
 from onnxforge.backend.benchmark import time_runs
+from onnxforge.errors import first_line
 from onnxforge.passes import available_passes
 from onnxforge.samples import get_sample
 
@@ -62,7 +63,7 @@ def _timed(make: Callable[[], onnx.ModelProto]) -> tuple[onnx.ModelProto | None,
     try:
         model = make()
     except Exception as error:  # a peer that fails is a row, not the end of the benchmark
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        first = first_line(error)
         return None, time.perf_counter() - start, f"failed: {first[:80]}"
     return model, time.perf_counter() - start, "ok"
 
@@ -126,7 +127,7 @@ def _bench_model(name: str, args) -> list[str]:
                 session = Session(ir.from_proto(model))
                 outputs = session.run(feed)
             except Exception as error:  # e.g. a peer that baked in a fixed sequence length
-                first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+                first = first_line(error)
                 candidates[label] = (None, candidates[label][1], f"does not run: {first[:90]}")
                 continue
             sessions[label] = session

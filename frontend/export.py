@@ -23,7 +23,7 @@ import onnx_ir as ir
 import torch
 
 from onnxforge.backend import Session, compare_outputs
-from onnxforge.errors import InputError, VerificationError
+from onnxforge.errors import InputError, VerificationError, first_line
 from onnxforge.frontend.specs import DEFAULT_EXPORT_TOLERANCE, ResolvedSpec, resolve_spec
 
 __all__ = [
@@ -142,7 +142,7 @@ def _check(module, model: ir.Model, inputs: Sequence[torch.Tensor], tolerance: f
         with torch.no_grad():
             expected = module(*inputs)
     except Exception as error:
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        first = first_line(error)
         shapes = ", ".join(str(tuple(t.shape)) for t in inputs)
         raise InputError(
             f"PyTorch cannot run the model on inputs of shape {shapes}: {first}",
@@ -263,7 +263,7 @@ def export(
         try:
             model = _export_dynamo(resolved, inputs, names, axes, opset=opset, optimize=optimize)
         except Exception as error:
-            fallback_reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            fallback_reason = first_line(error)
     if fallback_reason is not None:
         message = (
             f"the dynamo exporter failed ({fallback_reason}); falling back to the "

@@ -30,7 +30,7 @@ from collections.abc import Callable, Mapping
 import numpy as np
 import torch
 
-from onnxforge.errors import InputError
+from onnxforge.errors import InputError, first_line
 from onnxforge.samples import available_samples, get_sample
 
 __all__ = ["ResolvedSpec", "resolve_spec", "load_state_dict", "vet_pt2_archive"]
@@ -130,7 +130,7 @@ def vet_pt2_archive(path: pathlib.Path) -> None:
             try:
                 torch.load(io.BytesIO(data), weights_only=True)
             except Exception as error:  # any failure: not provably plain tensor data
-                first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+                first = first_line(error)
                 raise InputError(
                     f"refusing {path}: {member} is a pickle that is not plain tensor data "
                     f"({first})",
@@ -191,7 +191,7 @@ def _pt2(path: pathlib.Path) -> ResolvedSpec:
         with _weights_only_unpickling():
             program = torch.export.load(path)
     except Exception as error:
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        first = first_line(error)
         raise InputError(f"cannot load the torch.export archive {path}: {first}") from None
     args, kwargs = program.example_inputs or ((), {})
     if kwargs:
@@ -218,7 +218,7 @@ def load_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError) as error:
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        first = first_line(error)
         raise InputError(
             f"refusing {path}: not a plain state dict ({first})",
             hint="only files that load with torch.load(weights_only=True) are accepted",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 __all__ = [
+    "first_line",
     "OnnxforgeError",
     "InputError",
     "PassError",
@@ -15,6 +16,11 @@ __all__ = [
 EXIT_OK = 0
 EXIT_VERIFICATION_FAILED = 1
 EXIT_BAD_INPUT = 2
+
+
+def first_line(error: BaseException) -> str:
+    """The first non-empty line of an exception's message, or its type name when it has none."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 class OnnxforgeError(Exception):

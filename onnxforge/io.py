@@ -23,7 +23,7 @@ import onnx
 import onnx_ir as ir
 
 from onnxforge import __version__
-from onnxforge.errors import InputError
+from onnxforge.errors import InputError, first_line
 from onnxforge.passes.statistics import iter_graphs, model_stats
 
 __all__ = [
@@ -114,8 +114,8 @@ def load(source: str | os.PathLike[str] | bytes) -> ir.Model:
     try:
         model = ir.load(path)
     except Exception as error:
-        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise InputError(f"{path} is not a readable ONNX model: {first_line}") from None
+        reason = first_line(error)
+        raise InputError(f"{path} is not a readable ONNX model: {reason}") from None
     if model.ir_version < 1:
         raise InputError(f"{path} is not an ONNX model (empty, or no IR version)")
     _validate_external_data(model, path)

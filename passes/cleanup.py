@@ -77,6 +77,7 @@ from onnxscript.rewriter.rules import common as common_rules
 
 from onnxforge.passes.base import Pass, PassResult, Semantics
 from onnxforge.passes.registry import register
+from onnxforge.passes.statistics import has_subgraphs, node_subgraphs
 
 __all__ = [
     "CleanupPass",
@@ -120,16 +121,6 @@ _INT64_MAX = np.iinfo(np.int64).max
 _INITIALIZERS_WITHOUT_INPUTS_IR_VERSION = 4
 
 
-def _subgraphs(node: ir.Node) -> list[ir.Graph]:
-    graphs: list[ir.Graph] = []
-    for attr in node.attributes.values():
-        if attr.type == ir.AttributeType.GRAPH:
-            graphs.append(attr.as_graph())
-        elif attr.type == ir.AttributeType.GRAPHS:
-            graphs.extend(attr.as_graphs())
-    return graphs
-
-
 def _all_graphs(model: ir.Model) -> Iterator[ir.Graph]:
     """The main graph, every function body, and every subgraph below them."""
     pending: list[ir.Graph] = [model.graph]
@@ -138,7 +129,7 @@ def _all_graphs(model: ir.Model) -> Iterator[ir.Graph]:
         graph = pending.pop(0)
         yield graph
         for node in graph:
-            pending.extend(_subgraphs(node))
+            pending.extend(node_subgraphs(node))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,7 +152,7 @@ def eliminate_identities(graph: ir.Graph) -> int:
     """Remove removable Identity nodes from ``graph`` and its subgraphs; returns the count."""
     count = 0
     for node in list(graph):
-        for subgraph in _subgraphs(node):
+        for subgraph in node_subgraphs(node):
             count += eliminate_identities(subgraph)
         if not _removable_identity(node, graph):
             continue
@@ -459,13 +450,6 @@ def _must_stay_distinct(node: ir.Node) -> bool:
     return node.op_type == "Identity"
 
 
-def _has_subgraphs(node: ir.Node) -> bool:
-    return any(
-        attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
-        for attr in node.attributes.values()
-    )
-
-
 @contextlib.contextmanager
 def _cse_barriers(graph: ir.Graph) -> Iterator[None]:
     """For a while, give each node of ``graph`` that CSE must not merge one unique attribute.
@@ -477,7 +461,7 @@ def _cse_barriers(graph: ir.Graph) -> Iterator[None]:
     stashed = [
         (node, list(node.attributes.values()))
         for node in graph
-        if _must_stay_distinct(node) and not _has_subgraphs(node)
+        if _must_stay_distinct(node) and not has_subgraphs(node)
     ]
     for index, (node, _) in enumerate(stashed):
         node.attributes.clear()

@@ -58,10 +58,11 @@ import onnx
 import onnx_ir as ir
 from onnxscript.optimizer import _constant_folding
 
+from onnxforge.errors import first_line
 from onnxforge.passes.base import Pass, PassResult, Semantics
 from onnxforge.passes.cleanup import NON_DETERMINISTIC_OPS
 from onnxforge.passes.registry import register
-from onnxforge.passes.statistics import iter_graphs
+from onnxforge.passes.statistics import has_subgraphs, iter_graphs
 
 __all__ = [
     "FoldConstantsPass",
@@ -393,15 +394,12 @@ class FoldConstantsPass(Pass):
 
     def _first_rejected_node(self, nodes: Iterable[ir.Node]) -> tuple[ir.Node, str] | None:
         for node in nodes:
-            if any(
-                attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
-                for attr in node.attributes.values()
-            ):
+            if has_subgraphs(node):
                 continue  # node-level inference cannot see the scope a body captures from
             try:
                 _infer_node(node, self._opset_imports, self._ir_version)
             except onnx.shape_inference.InferenceError as error:
-                return node, str(error).strip().splitlines()[0]
+                return node, first_line(error)
         return None
 
     # -----------------------------------------------------------------------------------------

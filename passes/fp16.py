@@ -104,6 +104,7 @@ from onnxforge.errors import InputError
 from onnxforge.passes.base import Pass, PassResult, Semantics
 from onnxforge.passes.cleanup import NON_DETERMINISTIC_OPS
 from onnxforge.passes.registry import register
+from onnxforge.passes.statistics import has_subgraphs
 
 __all__ = [
     "Float16Pass",
@@ -265,13 +266,6 @@ def _size(value: ir.Value) -> int:
     return int(_constant_array(value).size)
 
 
-def _has_subgraphs(node: ir.Node) -> bool:
-    return any(
-        attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
-        for attr in node.attributes.values()
-    )
-
-
 class _Converter:
     """One conversion of one model's main graph; ``run()`` returns the number of changes."""
 
@@ -386,7 +380,7 @@ class _Converter:
             return None  # nothing to convert
         if node.domain not in _ONNX_DOMAINS:
             return f"domain '{node.domain}' is not ONNX's"
-        if _has_subgraphs(node):
+        if has_subgraphs(node):
             return "it has subgraphs"
         if node.op_type in self.op_block_list:
             return "op_block_list"

@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from onnxforge.errors import InputError
+from onnxforge.errors import InputError, first_line
 from onnxforge.passes.base import PassBase, Semantics
 from onnxforge.passes.manager import CheckFailed, Instrument, PassRecord
 from onnxforge.passes.statistics import ModelStats, model_stats
@@ -138,7 +138,7 @@ class VerifyStructure(Instrument):
             self.enabled = False
             logger.warning(
                 "the input model fails the ONNX checker, structure checks are off: %s",
-                str(error).splitlines()[0] if str(error) else type(error).__name__,
+                first_line(error),
             )
 
     def after_pass(self, record: PassRecord, model: ir.Model) -> None:
@@ -148,9 +148,9 @@ class VerifyStructure(Instrument):
         try:
             _check_structure(model)
         except Exception as error:
-            first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            reason = first_line(error)
             raise CheckFailed(
-                f"the result is not a valid ONNX model: {first_line}",
+                f"the result is not a valid ONNX model: {reason}",
                 hint="the pass produced an invalid graph; this is a bug in the pass",
             ) from error
 

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import onnx_ir as ir
 
-__all__ = ["ModelStats", "model_stats", "iter_graphs"]
+__all__ = ["ModelStats", "model_stats", "iter_graphs", "node_subgraphs", "has_subgraphs"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,11 +25,26 @@ def iter_graphs(model: ir.Model) -> Iterator[ir.Graph]:
     """The main graph, then every If/Loop/Scan body reachable from it."""
     yield model.graph
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
-        for attr in node.attributes.values():
-            if attr.type == ir.AttributeType.GRAPH:
-                yield attr.as_graph()
-            elif attr.type == ir.AttributeType.GRAPHS:
-                yield from attr.as_graphs()
+        yield from node_subgraphs(node)
+
+
+def node_subgraphs(node: ir.Node) -> list[ir.Graph]:
+    """The If/Loop/Scan bodies held by ``node``'s attributes (not their nested bodies)."""
+    graphs: list[ir.Graph] = []
+    for attr in node.attributes.values():
+        if attr.type == ir.AttributeType.GRAPH:
+            graphs.append(attr.as_graph())
+        elif attr.type == ir.AttributeType.GRAPHS:
+            graphs.extend(attr.as_graphs())
+    return graphs
+
+
+def has_subgraphs(node: ir.Node) -> bool:
+    """Whether ``node`` holds a body graph (If, Loop, Scan, ...)."""
+    return any(
+        attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
+        for attr in node.attributes.values()
+    )
 
 
 def _op_key(node: ir.Node) -> str:

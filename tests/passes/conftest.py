@@ -79,6 +79,28 @@ def assert_bitwise_equal(ref: Sequence[np.ndarray], got: Sequence[np.ndarray]) -
     assert comparison.rel_l2 == 0.0
 
 
+def array_text(name: str, array: np.ndarray) -> str:
+    """An initializer in ONNX text: ``float[2,3] w = {...}``."""
+    kind = {np.float32: "float", np.float64: "double", np.int64: "int64"}[array.dtype.type]
+    values = ", ".join(repr(v.item()) for v in array.reshape(-1))
+    return f"{kind}[{','.join(map(str, array.shape))}] {name} = {{{values}}}"
+
+
+def weights(**arrays: np.ndarray) -> str:
+    """The ``<...>`` initializer list of a graph."""
+    return "<" + ", ".join(array_text(name, a) for name, a in arrays.items()) + ">"
+
+
+def normal(*shape: int, seed: int = 0) -> np.ndarray:
+    """Seeded standard-normal float32 weights."""
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def positive(*shape: int, seed: int = 0) -> np.ndarray:
+    """Seeded float32 weights in [0.5, 2) (scales, variances)."""
+    return np.random.default_rng(seed).uniform(0.5, 2.0, shape).astype(np.float32)
+
+
 def op_counts(model: ir.Model) -> collections.Counter[str]:
     """How many nodes of each op type, subgraphs included."""
     return collections.Counter(n.op_type for n in ir.traversal.RecursiveGraphIterator(model.graph))

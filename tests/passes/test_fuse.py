@@ -31,7 +31,16 @@ from onnxforge.passes.fuse import (
 from onnxforge.passes.fusion_rules._values import known_dims
 from onnxforge.passes.pipeline import canonical_pipeline, parse_pipeline
 
-from .conftest import as_text, assert_valid, build, inputs_for, run
+from .conftest import (
+    as_text,
+    assert_valid,
+    build,
+    inputs_for,
+    normal,
+    positive,
+    run,
+    weights,
+)
 
 TOLERANCE = DEFAULT_TOLERANCES[Semantics.REASSOCIATING]  # relative L2
 MS = "com.microsoft"
@@ -43,26 +52,6 @@ def ops(model: ir.Model) -> collections.Counter[str]:
         f"{node.domain}::{node.op_type}" if node.domain not in ("", "ai.onnx") else node.op_type
         for node in ir.traversal.RecursiveGraphIterator(model.graph)
     )
-
-
-def array_text(name: str, array: np.ndarray) -> str:
-    """An initializer in ONNX text: ``float[2,3] w = {...}``."""
-    kind = {np.float32: "float", np.float64: "double", np.int64: "int64"}[array.dtype.type]
-    values = ", ".join(repr(v.item()) for v in array.reshape(-1))
-    return f"{kind}[{','.join(map(str, array.shape))}] {name} = {{{values}}}"
-
-
-def weights(**arrays: np.ndarray) -> str:
-    """The ``<...>`` initializer list of a graph."""
-    return "<" + ", ".join(array_text(name, a) for name, a in arrays.items()) + ">"
-
-
-def normal(*shape: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
-
-
-def positive(*shape: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).uniform(0.5, 2.0, shape).astype(np.float32)
 
 
 def fuse_result(model: ir.Model, **options):

@@ -27,30 +27,20 @@ from onnxforge.passes.pipeline import canonical_pipeline, parse_pipeline
 from onnxforge.passes.prune import PrunePass
 from onnxforge.passes.pruning.macs import count_macs
 
-from .conftest import as_text, assert_bitwise_equal, assert_valid, build, inputs_for, run
+from .conftest import (
+    as_text,
+    assert_bitwise_equal,
+    assert_valid,
+    build,
+    inputs_for,
+    normal,
+    positive,
+    run,
+    weights,
+)
 
 # ---------------------------------------------------------------------------------------------
 # Helpers
-
-
-def array_text(name: str, array: np.ndarray) -> str:
-    """An initializer in ONNX text: ``float[2,3] w = {...}``."""
-    kind = {np.float32: "float", np.int64: "int64"}[array.dtype.type]
-    values = ", ".join(repr(v.item()) for v in array.reshape(-1))
-    return f"{kind}[{','.join(map(str, array.shape))}] {name} = {{{values}}}"
-
-
-def weights(**arrays: np.ndarray) -> str:
-    """The ``<...>`` initializer list of a graph."""
-    return "<" + ", ".join(array_text(name, a) for name, a in arrays.items()) + ">"
-
-
-def normal(*shape: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
-
-
-def positive(*shape: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).uniform(0.5, 2.0, shape).astype(np.float32)
 
 
 def prune(model: ir.Model, **options) -> tuple[bool, PrunePass]:
