@@ -138,7 +138,11 @@ class Session:
         """Run once; returns the outputs in graph order."""
         self.check_inputs(inputs)
         feed = {name: np.asarray(value) for name, value in inputs.items()}
-        return list(self._session.run(self.output_names, feed))
+        try:
+            return list(self._session.run(self.output_names, feed))
+        except Exception as error:  # ORT's own types: a failed allocation, a kernel refusing
+            reason = first_line(error)
+            raise InputError(f"ONNX Runtime failed to run the model: {reason}") from error
 
     def bind(self, inputs: Mapping[str, np.ndarray]) -> BoundRun:
         """Bind ``inputs`` and the outputs to the session's device (IO binding).

@@ -8,12 +8,14 @@ The public API::
     result = onnxforge.optimize(model, "cleanup", verify="numeric")
     onnxforge.save(result.model, "out.onnx")             # atomic, with provenance
     model = onnxforge.load("out.onnx")
+    table = onnxforge.compare("digits-cnn", ["cleanup,fuse", "fuse,cleanup"])  # orderings
 """
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from onnxforge.compare import compare  # noqa: E402
 from onnxforge.errors import InputError, OnnxforgeError, PassError, VerificationError  # noqa: E402
 from onnxforge.io import load, save  # noqa: E402
 from onnxforge.optimize import optimize  # noqa: E402
@@ -34,6 +36,7 @@ __all__ = [
     "load",
     "save",
     "optimize",
+    "compare",
     "export",
     "OnnxforgeError",
     "InputError",

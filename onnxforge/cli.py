@@ -14,6 +14,7 @@ import sys
 from typing import Annotated, Any
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -195,6 +196,66 @@ def _print_near_misses(explainer) -> None:
     out.print(table)
 
 
+def _bisect(
+    original,
+    pipeline: str,
+    *,
+    inputs: pathlib.Path | None,
+    ep: str,
+    tolerance: float | None,
+    fail: bool = False,
+) -> None:
+    """Bisect the pipeline on the final outputs and print the culprit; raise when ``fail``."""
+    from onnxforge.backend import Session, compare_outputs, load_inputs, make_inputs
+    from onnxforge.errors import VerificationError
+    from onnxforge.optimize import VERIFY_BATCH
+    from onnxforge.passes import bisect_pipeline, format_pass, parse_pipeline
+    from onnxforge.passes.bisect import DEFAULT_BISECT_TOLERANCE
+
+    tolerance = DEFAULT_BISECT_TOLERANCE if tolerance is None else tolerance
+    feeds = load_inputs(inputs) if inputs is not None else make_inputs(original, batch=VERIFY_BATCH)
+    with err.status("bisecting: running prefixes of the pipeline"):
+        found = bisect_pipeline(
+            original,
+            pipeline,
+            runner=Session.runner(ep=ep),
+            compare=compare_outputs,
+            inputs=feeds,
+            tolerance=tolerance,
+        )
+    final = _drift(found.final) if found.final else "does not run"
+    if not found.found:
+        out.print(f"bisect: the final outputs are within tolerance (rel-L2 {final}, {tolerance:g})")
+        return
+    table = Table(
+        title=f"bisect: the final outputs drift by rel-L2 {final}, past {tolerance:g}; "
+        f"{found.probes} prefixes run",
+        title_justify="left",
+    )
+    for column in ("first bad", "culprit", "drift with it (rel-L2)"):
+        table.add_column(column)
+    table.add_row("pass", escape(f"#{found.index} {found.pass_text}"), _error_or_drift(found.drift))
+    if found.rewrite is not None:
+        table.add_row("rewrite", escape(str(found.rewrite)), _error_or_drift(found.rewrite.drift))
+    out.print(table)
+    if fail:
+        where = f"; first bad {found.rewrite}" if found.rewrite is not None else ""
+        raise VerificationError(
+            f"the final outputs drift by relative L2 {final} from the input model's, past the "
+            f"bisect tolerance {tolerance:g}{where}",
+            pass_name=found.pass_text,
+            index=found.index,
+            previous=tuple(format_pass(p) for p in parse_pipeline(pipeline)[: found.index]),
+            hint="leave the pass out, or turn off the rule (see `onnxforge passes` for options)",
+        )
+
+
+def _error_or_drift(drift: dict[str, Any] | None) -> str:
+    if drift and "error" in drift:
+        return escape(str(drift["error"]))
+    return _drift(drift)
+
+
 @app.command()
 def optimize(
     model: Annotated[pathlib.Path, typer.Argument(help="Input .onnx model (never overwritten).")],
@@ -202,14 +263,22 @@ def optimize(
         pathlib.Path, typer.Option("--output", "-o", help="Where to write the result.")
     ],
     pipeline: Annotated[
-        str,
+        str | None,
         typer.Option(
             "--pipeline",
             "-p",
             help="Pipeline text, e.g. 'cleanup' (see `onnxforge passes`), or a preset "
-            "name: default.",
+            "name: default, cuda. Without it, the preset of --target.",
         ),
-    ],
+    ] = None,
+    target: Annotated[
+        str,
+        typer.Option(
+            help="Without -p: the preset to start from. cpu = fold-constants,cleanup,fuse; "
+            "cuda = fold-constants,cleanup,fuse{target=cuda},fp16{target=cuda} (ONNX "
+            "Runtime's CUDA fused ops in float16; run it with IO binding and CUDA graphs)."
+        ),
+    ] = "cpu",
     verify: Annotated[
         str,
         typer.Option(
@@ -250,7 +319,22 @@ def optimize(
         str | None,
         typer.Option(
             help="List this pass's near-misses (e.g. fuse): matches its checks refused, with "
-            "the reason each gave."
+            "the reason each gave; for quantize, the nodes left float and what each costs."
+        ),
+    ] = None,
+    bisect: Annotated[
+        bool,
+        typer.Option(
+            "--bisect",
+            help="When the final outputs drift from the input model's past --bisect-tolerance, "
+            "find the first pass responsible (and, inside fuse, the first rewrite), print it "
+            "and fail (exit 1) without writing -o.",
+        ),
+    ] = False,
+    bisect_tolerance: Annotated[
+        float | None,
+        typer.Option(
+            help="Largest relative L2 error of the final outputs --bisect accepts (default 1e-4)."
         ),
     ] = None,
 ) -> None:
@@ -259,10 +343,13 @@ def optimize(
     from onnxforge.io import load, save
     from onnxforge.optimize import optimize as run_optimize
     from onnxforge.passes import Explain, PrintIR
-    from onnxforge.presets import PRESETS
+    from onnxforge.presets import PRESETS, TARGET_PRESETS
 
-    text = PRESETS.get(pipeline, pipeline)
+    if target not in TARGET_PRESETS:
+        raise typer.BadParameter("use cpu or cuda", param_hint="--target")
+    text = PRESETS.get(pipeline, pipeline) if pipeline else PRESETS[TARGET_PRESETS[target]]
     loaded = load(model)
+    original = load(model) if bisect else None  # optimize rewrites `loaded` in place
     extra = []
     if print_ir is not None:
         if print_ir not in ("before", "after", "after-change"):
@@ -298,7 +385,11 @@ def optimize(
                         "passes": [r.as_dict() for r in error.records],
                     },
                 )
+            if original is not None:
+                _bisect(original, text, inputs=inputs, ep=ep, tolerance=bisect_tolerance)
             raise
+    if original is not None:
+        _bisect(original, text, inputs=inputs, ep=ep, tolerance=bisect_tolerance, fail=True)
     save(result.model, output)
     if ledger is not None:
         _write_json(ledger, {**result.as_dict(), "status": "ok"})
@@ -480,6 +571,7 @@ def samples(
             kind
             for kind, present in (
                 ("calibration", sample.calibration_data),
+                ("training", sample.training_data),
                 ("evaluation", sample.evaluation_data),
             )
             if present is not None
@@ -540,7 +632,9 @@ def run(
     feed = (
         load_inputs(inputs) if inputs is not None else make_inputs(loaded, batch=batch, dims=dims)
     )
-    session = Session(loaded, ep=ep)
+    # The file was validated by load() and is unchanged: ONNX Runtime reads it (and its external
+    # data) itself, instead of a copy of a model that may be larger than 2 GB.
+    session = Session(model, ep=ep)
     outputs = session.run(feed)
     table = Table(title=f"{model} on {session.ep}", title_justify="left")
     for column in ("output", "dtype", "shape", "mean", "min", "max"):
@@ -658,6 +752,14 @@ def bench(
         float, typer.Option(help="Load test: longest wait of the oldest request for a batch.")
     ] = 2.0,
     requests: Annotated[int, typer.Option(help="Load test: requests per client.")] = 100,
+    cuda_graph: Annotated[
+        bool,
+        typer.Option(
+            "--cuda-graph",
+            help="With --ep cuda, latency mode: capture the run as a CUDA graph and replay it "
+            "(needs a model with static shapes whose every node runs on the GPU).",
+        ),
+    ] = False,
     as_json: Annotated[
         pathlib.Path | None, typer.Option("--json", help="Write the figures as JSON here.")
     ] = None,
@@ -673,13 +775,15 @@ def bench(
     from onnxforge.backend.serving import DEFAULT_MAX_BATCH
     from onnxforge.io import load
 
+    if cuda_graph and concurrency is not None:
+        raise typer.BadParameter("CUDA graphs need one fixed batch: drop --concurrency")
     dims = _parse_dims(shape)
     given = load_inputs(inputs) if inputs is not None else None
     rows: list[dict] = []
     with _progress() as progress:
         for path in models:
             model = load(path)
-            session = Session(model, ep=ep, threads=threads)
+            session = Session(model, ep=ep, threads=threads, cuda_graph=cuda_graph)
             task = progress.add_task(f"{path.name}", total=runs)
             if concurrency is None:
                 feed = given if given is not None else make_inputs(model, batch=batch, dims=dims)
@@ -719,6 +823,266 @@ def bench(
     if as_json is not None:
         _write_json(as_json, {"ep": rows[0]["ep"], "models": rows})
         out.print(f"wrote {as_json}")
+
+
+def _metric_text(value: float | None, metric: str) -> str:
+    if value is None:
+        return "-"
+    return {"cosine": f"{value:.6f}", "top1": f"{value:.4f}"}.get(metric, f"{value:.2e}")
+
+
+def _compare_table(result) -> Table:
+    arrow = "higher" if result.higher_is_better else "lower"
+    table = Table(
+        title=f"{result.model} on {result.ep}, batch {result.batch}: {len(result.rows)} orderings "
+        f"ranked by p50 latency (speedup: the original's p50 / this p50; {result.metric} on "
+        f"{result.inputs_rows} rows, {arrow} is better; * Pareto-optimal, latency vs "
+        f"{result.metric}; rows with one model letter produce the identical model)",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,  # no vertical rules: twelve columns and the pipelines fit
+        collapse_padding=True,
+    )
+    longest = max([len(row.pipeline) for row in result.rows] + [len("(original)")])
+    table.add_column("#", justify="right")
+    # the pipeline is what the table is about: other columns give way before it wraps
+    table.add_column("pipeline", min_width=min(longest, 64), overflow="fold")
+    for column, justify in [
+        ("model", "left"),
+        ("status", "left"),
+        ("p50 ms", "right"),
+        ("speedup", "right"),
+        ("samples/s", "right"),
+        ("size", "right"),
+        ("nodes", "right"),
+        (result.metric, "right"),
+        ("optimize s", "right"),
+        ("pareto", "center"),
+    ]:
+        table.add_column(column, justify=justify)
+
+    def cells(row, rank: str, pipeline: str) -> list[str]:
+        ok = row.status == "ok"
+        return [
+            rank,
+            escape(pipeline),
+            row.model or "-",
+            row.status,
+            f"{row.latency_ms:.4g}" if ok else "-",
+            f"{row.speedup:.2f}x" if ok and row.speedup else "-",
+            f"{row.throughput:.1f}" if ok else "-",
+            _bytes(row.size_bytes),
+            str(row.nodes) if row.nodes is not None else "-",
+            _metric_text(row.metric, result.metric) if ok else "-",
+            f"{row.optimize_s:.2f}" if row.optimize_s is not None else "-",
+            "*" if row.pareto else "",
+        ]
+
+    table.add_row(*cells(result.original, "", "(original)"), end_section=True)
+    for row in result.rows:
+        table.add_row(*cells(row, str(row.rank or ""), row.pipeline))
+    return table
+
+
+def _contributions_table(result) -> Table:
+    table = Table(
+        title=f"per-pass contributions of the fastest ordering, {result.best}",
+        title_justify="left",
+    )
+    for column in ("#", "pass", "p50 ms", "change", "nodes", "size", result.metric, "ops"):
+        table.add_column(column, justify="left" if column in ("pass", "ops") else "right")
+    for entry in result.contributions:
+        latency, delta = entry["latency_ms"], entry["delta_latency_ms"]
+        ops = ", ".join(f"{op} {n:+d}" for op, n in (entry["ops_delta"] or {}).items())
+        table.add_row(
+            str(entry["index"]),
+            escape(entry["pass"]),
+            f"{latency:.4g}" if latency is not None else "-",
+            f"{delta:+.3g}" if delta is not None else "-",
+            f"{entry['nodes']} ({entry['delta_nodes']:+d})" if entry["nodes"] is not None else "-",
+            _bytes(entry["size_bytes"]),
+            _metric_text(entry["metric"], result.metric),
+            escape(ops or "-"),
+        )
+    return table
+
+
+@app.command()
+def compare(
+    model: Annotated[
+        str,
+        typer.Argument(
+            help="An .onnx model, or an export spec (a bundled sample: its evaluation data "
+            "and metric are the defaults)."
+        ),
+    ],
+    pipeline: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--pipeline", "-p", help="An ordering to compare (repeatable), or a preset name."
+        ),
+    ] = None,
+    permute: Annotated[
+        str | None,
+        typer.Option(help="Compare every ordering of these passes, e.g. fold-constants,fuse."),
+    ] = None,
+    ablate: Annotated[
+        str | None,
+        typer.Option(help="Compare this pipeline with each of its passes left out in turn."),
+    ] = None,
+    ep: Annotated[str, typer.Option(help="Execution provider: cpu or cuda.")] = "cpu",
+    metric: Annotated[
+        str | None,
+        typer.Option(
+            help="cosine (worst row vs the original), top1 (accuracy on labels, else agreement "
+            "with the original), rel-l2; default: the sample's, else cosine."
+        ),
+    ] = None,
+    data: Annotated[
+        pathlib.Path | None,
+        typer.Option(
+            help="An .npz of inputs for the metric (an array named 'labels' holds labels); "
+            "default: the sample's evaluation data, else seeded random rows."
+        ),
+    ] = None,
+    batch: Annotated[
+        int, typer.Option(help="Latency is measured on this many rows of the inputs.")
+    ] = 1,
+    threads: Annotated[
+        int | None, typer.Option(help="ONNX Runtime intra-op threads per session.")
+    ] = None,
+    runs: Annotated[int | None, typer.Option(help="Timed runs per distinct model.")] = None,
+    duration: Annotated[
+        float | None, typer.Option(help="Seconds of timed runs per distinct model (default 1).")
+    ] = None,
+    verify: Annotated[
+        str, typer.Option(help="Check each intermediate model once: none, structure, numeric.")
+    ] = "numeric",
+    budget: Annotated[
+        float | None,
+        typer.Option(help="Accuracy budget for lossy passes (relative L2 against the original)."),
+    ] = None,
+    executor: Annotated[
+        str, typer.Option(help="local (this machine) or ray (Ray tasks, e.g. on a cluster).")
+    ] = "local",
+    jobs: Annotated[
+        int | None,
+        typer.Option(
+            help="Jobs at a time: worker processes (local; default 1, in this process) or Ray "
+            "tasks (default: the cluster's CPUs / threads)."
+        ),
+    ] = None,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(help="Ray cluster to connect to (default: RAY_ADDRESS, else a local Ray)."),
+    ] = None,
+    as_json: Annotated[
+        pathlib.Path | None, typer.Option("--json", help="Write the table as JSON here.")
+    ] = None,
+    report: Annotated[
+        pathlib.Path | None,
+        typer.Option(help="Write a self-contained HTML report with plots here."),
+    ] = None,
+) -> None:
+    """Compare orderings of passes on one model: latency, size, nodes, accuracy, Pareto front.
+
+    Orderings come from -p (repeatable), --permute (every ordering of the passes) or --ablate
+    (the pipeline with each pass left out in turn). Common prefixes run once; each
+    intermediate model is verified once; an ordering that fails is a row with its status.
+    """
+    from onnxforge.backend import load_inputs
+    from onnxforge.compare import ablations, permutations
+    from onnxforge.compare import compare as run_compare
+    from onnxforge.errors import InputError
+    from onnxforge.presets import PRESETS
+
+    given = [option for option in (pipeline, permute, ablate) if option]
+    if len(given) != 1:
+        raise InputError(
+            "give the orderings one way", hint="use -p PIPELINE (repeatable), --permute or --ablate"
+        )
+    if pipeline:
+        orderings = [PRESETS.get(text, text) for text in pipeline]
+    elif permute:
+        orderings = permutations(PRESETS.get(permute, permute))
+    else:
+        orderings = ablations(PRESETS.get(ablate, ablate))
+    inputs = labels = None
+    if data is not None:
+        inputs = load_inputs(data)
+        labels = inputs.pop("labels", None)
+    if runs is not None and duration is not None:
+        raise InputError("give --runs or --duration, not both")
+    timing = {"runs": runs} if runs is not None else {"duration": duration or 1.0}
+    with _progress() as progress:
+        task = progress.add_task(f"preparing {model}", total=None)
+
+        def on_progress(done: int, total: int, text: str) -> None:
+            description = text or progress.tasks[task].description
+            progress.update(task, completed=done, total=total, description=description)
+
+        result = run_compare(
+            model,
+            orderings,
+            ep=ep,
+            inputs=inputs,
+            labels=labels,
+            metric=metric,
+            executor=executor,
+            jobs=jobs,
+            batch=batch,
+            threads=threads,
+            verify=verify,
+            budget=budget,
+            ray_address=ray_address,
+            on_progress=on_progress,
+            **timing,
+        )
+    out.print(_compare_table(result))
+    failures: dict[tuple, list[str]] = {}
+    for row in result.rows:
+        if row.status != "ok":
+            key = (row.status, row.failed_pass or "measuring", row.error)
+            failures.setdefault(key, []).append(row.pipeline)
+    for (status, where, error), pipelines in failures.items():
+        out.print(
+            f"{status} at {where} ({len(pipelines)} ordering{'s' * (len(pipelines) > 1)}: "
+            f"{'; '.join(pipelines)}): {error}",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
+    out.print(
+        f"{result.pass_runs} passes applied for the {result.pass_runs_unshared} in the "
+        f"orderings (common prefixes ran once); {result.distinct_models} distinct models "
+        f"measured; {result.wall_s:.1f} s on {result.executor} with {result.jobs} job(s)"
+    )
+    if result.best is not None:
+        best = result.row(result.best)
+        front = [r.pipeline for r in result.rows if r.pareto]
+        if result.original.pareto:
+            front.insert(0, "(original)")
+        out.print(
+            f"fastest: {result.best} ({best.speedup:.2f}x, {result.metric} "
+            f"{_metric_text(best.metric, result.metric)}); Pareto front: {'; '.join(front)}",
+            markup=False,
+            highlight=False,
+        )
+        out.print(_contributions_table(result))
+    if as_json is not None:
+        _write_json(as_json, result.as_dict())
+        out.print(f"wrote {as_json}")
+    if report is not None:
+        from onnxforge.report import write_report
+
+        write_report(result, report)
+        out.print(f"wrote {report}")
+    if not any(row.status == "ok" for row in result.rows):
+        failure = OnnxforgeError(
+            f"every one of the {len(result.rows)} orderings failed",
+            hint="see each row's status and error above",
+        )
+        failure.exit_code = EXIT_VERIFICATION_FAILED
+        raise failure
 
 
 @app.command()
@@ -769,6 +1133,208 @@ def demo(
         )
     out.print(f"wrote {result.optimized_path}")
     out.print(f"next: onnxforge inspect {result.optimized_path}")
+
+
+def _accuracy_text(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _value_text(value: dict) -> str:
+    shape = "?" if value["shape"] is None else "[" + ", ".join(map(str, value["shape"])) + "]"
+    return escape(f"{value['name']}: {value['dtype']}{shape}")
+
+
+@app.command()
+def distill(
+    student: Annotated[
+        str,
+        typer.Argument(
+            help="The student to train: an .onnx model (e.g. the output of prune; converted "
+            "back to a trainable torch module, see docs/distill.md for the ops covered) or a "
+            "spec (a sample, package.module:factory, or either followed by @WEIGHTS)."
+        ),
+    ],
+    output: Annotated[
+        pathlib.Path, typer.Option("--output", "-o", help="Where to write the trained .onnx.")
+    ],
+    teacher: Annotated[
+        str | None,
+        typer.Option(
+            help="The float teacher: a spec or an .onnx model (default: the --sample's model)."
+        ),
+    ] = None,
+    sample: Annotated[
+        str | None,
+        typer.Option(
+            help="Train on this bundled sample's training split and measure held-out accuracy "
+            "on its evaluation split (default: the teacher or student, when it is a sample name)."
+        ),
+    ] = None,
+    data: Annotated[
+        pathlib.Path | None,
+        typer.Option(
+            help="Train on this .npz instead: one array per model input (named after it) and, "
+            "optionally, integer class 'labels'."
+        ),
+    ] = None,
+    epochs: Annotated[
+        int | None, typer.Option(help="Passes over the training data (default: 30).")
+    ] = None,
+    temperature: Annotated[
+        float | None,
+        typer.Option(help="Softmax temperature T of the distillation term (default: 8)."),
+    ] = None,
+    alpha: Annotated[
+        float | None,
+        typer.Option(
+            help="Weight of the distillation term; 1 - alpha goes to cross-entropy (default: 0.9)."
+        ),
+    ] = None,
+    lr: Annotated[
+        float | None,
+        typer.Option("--lr", help="Adam learning rate, cosine schedule to zero (default: 0.01)."),
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Examples per optimizer step (default: 64).")
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Seed of the shuffling, the only randomness (default: 0).")
+    ] = None,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            help="torch threads for training; 1 is fastest for small models (default: 1)."
+        ),
+    ] = None,
+    as_json: Annotated[
+        pathlib.Path | None,
+        typer.Option("--json", help="Write the settings, losses and accuracies as JSON here."),
+    ] = None,
+) -> None:
+    """Retrain a pruned student to match its float teacher, and export it to ONNX.
+
+    The loss is alpha * T^2 * KL(teacher/T || student/T) + (1 - alpha) * cross-entropy. The
+    trained student is exported through the frontend (checked against PyTorch); the table
+    gives held-out top-1 accuracy of the teacher and of the student before and after.
+    """
+    from onnxforge.distill import distill as run_distill
+    from onnxforge.distill import load_training_data
+    from onnxforge.errors import InputError
+    from onnxforge.io import save
+    from onnxforge.samples import available_samples
+
+    known = available_samples()
+    if sample is None:
+        sample = next((s for s in (teacher, student) if s in known), None)
+    if teacher is None:
+        if sample is None:
+            raise InputError(
+                "no teacher", hint="give --teacher SPEC_OR_MODEL, or --sample NAME to use its model"
+            )
+        teacher = sample
+    training = load_training_data(data) if data is not None else None
+    given = {
+        "epochs": epochs,
+        "temperature": temperature,
+        "alpha": alpha,
+        "learning_rate": lr,
+        "batch_size": batch_size,
+        "seed": seed,
+        "threads": threads,
+    }
+    settings = {key: value for key, value in given.items() if value is not None}
+    if training is None and sample is None:
+        raise InputError("no training data", hint="give --sample NAME or --data TRAIN.npz")
+    with _progress() as progress:
+        task = progress.add_task("loading the teacher and the student", total=None)
+
+        def advance(step: int, total: int, loss: float) -> None:
+            progress.update(task, completed=step, total=total, description=f"loss {loss:.4f}")
+
+        result = run_distill(
+            teacher, student, sample=sample, data=training, on_progress=advance, **settings
+        )
+    save(result.model, output)
+    out.print(
+        f"distilled {escape(student)} from {escape(teacher)} in {result.train_seconds:.1f} s "
+        f"({result.settings['epochs']} epochs on {result.settings['examples']} examples)"
+    )
+    table = Table(title="held-out top-1", title_justify="left")
+    for column in ("model", "top-1", "vs teacher"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    base = result.teacher_accuracy
+    for label, value in (
+        ("teacher", base),
+        ("student before", result.accuracy_before),
+        ("student after (ONNX Runtime)", result.accuracy_after),
+    ):
+        delta = "-" if value is None or base is None else f"{value - base:+.4f}"
+        table.add_row(label, _accuracy_text(value), delta)
+    if base is None:
+        out.print("held-out accuracy not measured: no labelled evaluation data (give --sample)")
+    else:
+        out.print(table)
+    out.print(f"training loss per epoch: {result.losses[0]:.4f} -> {result.losses[-1]:.4f}")
+    if as_json is not None:
+        _write_json(as_json, result.as_dict())
+        out.print(f"wrote {as_json}")
+    out.print(f"wrote {output}")
+
+
+@app.command()
+def ensemble(
+    models: Annotated[
+        list[pathlib.Path], typer.Argument(help="Two or more .onnx models with compatible inputs.")
+    ],
+    output: Annotated[
+        pathlib.Path, typer.Option("--output", "-o", help="Where to write the merged .onnx.")
+    ],
+    mode: Annotated[
+        str,
+        typer.Option(
+            help="How outputs combine: mean (element-wise), max (element-wise), or vote "
+            "(per-class counts of each member's argmax)."
+        ),
+    ] = "mean",
+    match_inputs: Annotated[
+        str,
+        typer.Option(
+            "--match-inputs", help="Match the members' inputs by name (default) or by position."
+        ),
+    ] = "name",
+) -> None:
+    """Merge models into one graph: inputs shared, outputs combined by --mode.
+
+    Names are prefixed with each member's file stem so nothing clashes; members at older
+    opsets are converted to the newest one. The result runs as one session and can be
+    optimised as one model (e.g. `onnxforge optimize OUT -p fold-constants,cleanup,fuse`).
+    """
+    from onnxforge.ensemble import ensemble as run_ensemble
+    from onnxforge.ensemble import member_names
+    from onnxforge.io import load, save
+    from onnxforge.model_info import describe_model
+
+    loaded = [load(path) for path in models]
+    names = member_names([path.stem for path in models])
+    merged = run_ensemble(loaded, mode=mode, names=names, match_inputs=match_inputs)
+    save(merged, output)
+    table = Table(title=f"ensemble ({mode}) -> {output}", title_justify="left")
+    for column in ("member", "file", "nodes", "parameters"):
+        table.add_column(column, justify="left" if column in ("member", "file") else "right")
+    rows = zip([*names, "(ensemble)"], [*models, output], [*loaded, merged], strict=True)
+    for name, path, model in rows:
+        info = describe_model(model)
+        table.add_row(escape(name), escape(str(path)), str(info.nodes), f"{info.parameters:,}")
+    out.print(table)
+    info = describe_model(merged)
+    out.print(
+        "inputs ("
+        + ", ".join(_value_text(v) for v in info.inputs)
+        + ") -> outputs ("
+        + ", ".join(_value_text(v) for v in info.outputs)
+        + ")"
+    )
+    out.print(f"wrote {output}")
 
 
 def main() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 __all__ = [
     "first_line",
+    "one_line",
     "OnnxforgeError",
     "InputError",
     "PassError",
@@ -23,18 +24,27 @@ def first_line(error: BaseException) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
+def one_line(text: str) -> str:
+    """``text`` as one line: line breaks become spaces, other control characters are escaped.
+
+    Messages quote names from untrusted models, which may hold any character.
+    """
+    joined = " ".join(line.strip() for line in text.splitlines() if line.strip())
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in joined)
+
+
 class OnnxforgeError(Exception):
     """Base class of every error onnxforge raises on purpose.
 
-    The CLI prints ``error: <message>`` and, when present, ``hint: <hint>`` on one line each,
-    and exits with ``exit_code``.
+    The message and hint are one line each (see :func:`one_line`); the CLI prints
+    ``error: <message> (hint: <hint>)`` and exits with ``exit_code``.
     """
 
     exit_code: int = EXIT_BAD_INPUT
 
     def __init__(self, message: str, *, hint: str | None = None) -> None:
-        super().__init__(message)
-        self.hint = hint
+        super().__init__(one_line(message))
+        self.hint = one_line(hint) if hint else hint
 
 
 class InputError(OnnxforgeError):

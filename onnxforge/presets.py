@@ -6,7 +6,7 @@ them (with a budget) rather than getting them silently.
 
 from __future__ import annotations
 
-__all__ = ["DEFAULT_PIPELINE", "CUDA_PIPELINE", "PRESETS"]
+__all__ = ["DEFAULT_PIPELINE", "CUDA_PIPELINE", "PRESETS", "TARGET_PRESETS"]
 
 DEFAULT_PIPELINE = ",".join(
     [
@@ -27,8 +27,11 @@ CUDA_PIPELINE = ",".join(
         "fold-constants",  # as above
         "cleanup",  # as above
         "fuse{target=cuda}",  # only the fused ops ONNX Runtime's CUDA provider has kernels for
-        "fp16",  # half precision for tensor cores; sensitive ops stay in float32
+        # half precision for tensor cores, fused ops included; sensitive ops stay float32
+        "fp16{target=cuda}",
     ]
 )
 
 PRESETS = {"default": DEFAULT_PIPELINE, "cuda": CUDA_PIPELINE}
+# `onnxforge optimize --target T` without a pipeline starts from this preset.
+TARGET_PRESETS = {"cpu": "default", "cuda": "cuda"}

@@ -12,6 +12,7 @@ from onnxforge.passes import fold_constants as _fold_constants  # noqa: F401
 from onnxforge.passes import fp16 as _fp16  # noqa: F401
 from onnxforge.passes import fuse as _fuse  # noqa: F401
 from onnxforge.passes import prune as _prune  # noqa: F401
+from onnxforge.passes import quantize as _quantize  # noqa: F401
 from onnxforge.passes.base import FunctionalPass, OptionSpec, Pass, PassBase, PassResult, Semantics
 from onnxforge.passes.bisect import BisectResult, bisect_pipeline
 from onnxforge.passes.cleanup import CleanupPass

@@ -66,7 +66,9 @@ reference attributes, which have no value). Graph outputs get their types back a
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import hashlib
 from collections.abc import Iterator
 
 import numpy as np
@@ -82,6 +84,7 @@ from onnxforge.passes.statistics import has_subgraphs, node_subgraphs
 __all__ = [
     "CleanupPass",
     "lift_constants",
+    "deduplicate_initializers",
     "DEFAULT_DEDUPLICATE_SIZE_LIMIT",
     "DEFAULT_CSE_SIZE_LIMIT",
     "NON_DETERMINISTIC_OPS",
@@ -133,6 +136,65 @@ def _all_graphs(model: ir.Model) -> Iterator[ir.Graph]:
 
 
 # ---------------------------------------------------------------------------------------------
+# Initializer de-duplication
+
+# Bytes from each end of a tensor compared before its whole content is hashed.
+_SAMPLE_BYTES = 64 * 1024
+
+
+def _content(tensor: ir.TensorProtocol) -> np.ndarray:
+    """The tensor's content as flat bytes (a view of memory-mapped data: read on access)."""
+    if tensor.dtype == ir.DataType.STRING:
+        return np.frombuffer(np.array(tensor.string_data()).tobytes(), np.uint8)
+    return np.ascontiguousarray(tensor.numpy()).reshape(-1).view(np.uint8)
+
+
+def _sample_digest(tensor: ir.TensorProtocol) -> str:
+    content = _content(tensor)
+    digest = hashlib.sha256(content[:_SAMPLE_BYTES])
+    digest.update(content[-_SAMPLE_BYTES:])
+    return digest.hexdigest()
+
+
+def deduplicate_initializers(model: ir.Model, *, size_limit: int) -> int:
+    """Merge initializers of equal type, shape and content in each graph; returns the count.
+
+    The first of equal initializers (in graph order) stays; uses of the others move to it.
+    Graph inputs and outputs, and initializers of more than ``size_limit`` elements, are left
+    alone, as onnx-ir's pass does. Unlike it, only tensors that could be equal are read: those
+    of one dtype and shape, then only those whose first and last 64 KiB match are hashed
+    whole, so a large model's distinct weights are never read in full (nor paged in).
+    """
+    removed = 0
+    for graph in model.graphs():
+        groups: dict[tuple, list[ir.Value]] = collections.defaultdict(list)
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if tensor is None or value.is_graph_input() or value.is_graph_output():
+                continue
+            if tensor.size > size_limit:
+                continue
+            groups[(tensor.dtype, tuple(tensor.shape.numpy()))].append(value)
+        for candidates in groups.values():
+            if len(candidates) < 2:
+                continue
+            by_sample: dict[str, list[ir.Value]] = collections.defaultdict(list)
+            for value in candidates:
+                by_sample[_sample_digest(value.const_value)].append(value)
+            for same_ends in by_sample.values():
+                kept: dict[str, ir.Value] = {}
+                for value in same_ends if len(same_ends) > 1 else ():
+                    content = _content(value.const_value)
+                    keep = kept.setdefault(hashlib.sha256(content).hexdigest(), value)
+                    if keep is value or not np.array_equal(_content(keep.const_value), content):
+                        continue
+                    value.replace_all_uses_with(keep)
+                    graph.initializers.pop(str(value.name))
+                    removed += 1
+    return removed
+
+
+# ---------------------------------------------------------------------------------------------
 # Identity elimination
 
 
@@ -176,13 +238,25 @@ def eliminate_identities(graph: ir.Graph) -> int:
 # Constant nodes into initializers
 
 
+# The attribute type each Constant attribute must have (sparse_value is never lifted).
+_CONSTANT_ATTRIBUTE_TYPES = {
+    "value": ir.AttributeType.TENSOR,
+    "value_int": ir.AttributeType.INT,
+    "value_ints": ir.AttributeType.INTS,
+    "value_float": ir.AttributeType.FLOAT,
+    "value_floats": ir.AttributeType.FLOATS,
+    "value_string": ir.AttributeType.STRING,
+    "value_strings": ir.AttributeType.STRINGS,
+}
+
+
 def _constant_tensor(node: ir.Node) -> ir.TensorProtocol | None:
     """The value of a Constant node as a tensor, or None when it is not a plain dense value."""
     if node.op_type != "Constant" or node.domain not in _ONNX_DOMAINS or len(node.attributes) != 1:
         return None
     ((name, attr),) = node.attributes.items()
-    if attr.is_ref():
-        return None
+    if attr.is_ref() or attr.type != _CONSTANT_ATTRIBUTE_TYPES.get(name):
+        return None  # a reference, sparse_value, or a malformed Constant: left alone
     if name == "value":
         return attr.as_tensor()
     arrays = {
@@ -199,6 +273,33 @@ def _constant_tensor(node: ir.Node) -> ir.TensorProtocol | None:
     if array.dtype == np.bytes_:
         return ir.StringTensor(array)
     return ir.tensor(array)
+
+
+def _own_tensor(tensor: ir.TensorProtocol, name: str | None) -> ir.TensorProtocol:
+    """A tensor object of its own, named ``name``, sharing ``tensor``'s data where it can.
+
+    onnx-ir renames an initializer's tensor with the initializer (and when serialising), and a
+    Constant's tensor object is shared with every clone of the model: an initializer holding
+    that object would rename the tensor in the caller's model too.
+    """
+    if isinstance(tensor, ir.ExternalTensor):
+        return ir.ExternalTensor(
+            tensor.location,
+            tensor.offset,
+            tensor.length,
+            tensor.dtype,
+            shape=tensor.shape,
+            name=name or "",
+            base_dir=tensor.base_dir,
+        )
+    if isinstance(tensor, ir.StringTensor):
+        return ir.StringTensor(tensor.raw, shape=tensor.shape, name=name)
+    if isinstance(tensor, ir.Tensor):
+        return ir.Tensor(tensor.raw, dtype=tensor.dtype, shape=tensor.shape, name=name)
+    if tensor.dtype == ir.DataType.STRING:
+        strings = np.array(tensor.string_data(), dtype=np.bytes_).reshape(tensor.shape.numpy())
+        return ir.StringTensor(strings, name=name)
+    return ir.Tensor(tensor.numpy(), dtype=tensor.dtype, name=name)  # a copy: Constants are small
 
 
 def lift_constants(model: ir.Model) -> int:
@@ -222,7 +323,7 @@ def lift_constants(model: ir.Model) -> int:
             name=name,
             shape=ir.Shape(tensor.shape.numpy()),
             type=ir.TensorType(tensor.dtype),
-            const_value=tensor,
+            const_value=_own_tensor(tensor, name),
             metadata_props=output.metadata_props.copy(),
         )
         initializer.meta.update(output.meta)
@@ -556,8 +657,7 @@ class CleanupPass(Pass):
             if not rewrites:
                 break
         if self.deduplicate:
-            dedupe = ir_common.DeduplicateHashedInitializersPass(size_limit=self.size_limit)
-            modified = dedupe(model).modified or modified
+            modified = deduplicate_initializers(model, size_limit=self.size_limit) > 0 or modified
         if self.cse:
             modified = eliminate_common_subexpressions(model) or modified
         # RemoveUnusedNodesPass also drops unused optional outputs and trailing empty inputs,

@@ -17,8 +17,14 @@ How each float32 value is placed, node by node in topological order:
   instead: they compute nothing that rounding could change, so they add a Cast only where their
   inputs mix precisions (a Concat of a float16 and a float32 value);
 - ``Cast(to=FLOAT)`` and ``ConstantOfShape`` make float16 unless a consumer needs float32;
-- these stay float32: ops in ``op_block_list``; ops outside the ONNX domain (custom ops, ONNX
-  Runtime contrib ops, calls of model-local functions); random ops; nodes with subgraphs
+- ONNX Runtime contrib ops that the fusions produce (Attention, MultiHeadAttention,
+  SkipLayerNormalization, BiasGelu, FastGelu, Gelu) run in float16 where the ``target``
+  provider has a float16 kernel for them (CUDA: all of them; CPU: SkipLayerNormalization),
+  with their float32-only outputs (SkipLayerNormalization's mean and inverse deviation) kept;
+  on ``target=cuda``, FusedConv with a Relu, Sigmoid or Tanh is split back into Conv (+ Add) +
+  activation first, because CUDA's FusedConv kernel is float32-only;
+- these stay float32: ops in ``op_block_list``; ops outside the ONNX domain (custom ops, other
+  ONNX Runtime contrib ops, calls of model-local functions); random ops; nodes with subgraphs
   (If/Loop/Scan bodies are left as they are, and outer values they read stay float32 for them);
   nodes that read a constant with a finite value beyond ``max_finite`` (float16 would make it
   infinite); and the producer and consumers of a value whose calibration range exceeds
@@ -94,6 +100,7 @@ import logging
 import os
 import zipfile
 from collections.abc import Iterable, Mapping
+from typing import Literal
 
 import numpy as np
 import onnx
@@ -111,6 +118,9 @@ __all__ = [
     "DEFAULT_OP_BLOCK_LIST",
     "DEFAULT_MAX_FINITE",
     "load_calibration_ranges",
+    "unfuse_conv_activations",
+    "TARGETS",
+    "DEFAULT_TARGET",
 ]
 
 logger = logging.getLogger(__name__)
@@ -169,6 +179,50 @@ _DATA_MOVEMENT = frozenset(
 )
 
 _ONNX_DOMAINS = ("", "ai.onnx")
+_VARIADIC = onnx.defs.OpSchema.FormalParameterOption.Variadic
+_CONTRIB_DOMAIN = "com.microsoft"
+TARGETS = ("cpu", "cuda")
+DEFAULT_TARGET = "cpu"
+
+
+@dataclasses.dataclass(frozen=True)
+class _ContribSchema:
+    """The type parameter of each formal input and output of an ONNX Runtime contrib op.
+
+    ONNX ships no schemas for ``com.microsoft`` ops, so the ones that the fusions produce are
+    written out here from ONNX Runtime's contrib op definitions. ``float16`` names the targets
+    whose kernel takes float16 for ``T`` (checked against each provider's kernel registry).
+    """
+
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    float16: frozenset[str]
+    type_constraints: tuple[onnx.defs.OpSchema.TypeConstraintParam, ...] = ()
+
+
+_T = onnx.defs.OpSchema.TypeConstraintParam("T", ["tensor(float)", "tensor(float16)"])
+_CUDA, _CPU_AND_CUDA = frozenset({"cuda"}), frozenset({"cpu", "cuda"})
+_CONTRIB_SCHEMAS = {
+    # input, weights, bias, mask_index, past, attention_bias, past_sequence_length
+    "Attention": _ContribSchema(("T", "T", "T", "M", "T", "T", "M"), ("T", "T"), _CUDA, (_T,)),
+    # query, key, value, bias, key_padding_mask, attention_bias, past_key, past_value, ...
+    "MultiHeadAttention": _ContribSchema(
+        ("T", "T", "T", "T", "M", "T", "T", "T", "M", "M"), ("T", "T", "T", "QK"), _CUDA, (_T,)
+    ),
+    # outputs: output, mean and inv_std_var (U: float32 only), input_skip_bias_sum
+    "SkipLayerNormalization": _ContribSchema(
+        ("T",) * 5, ("T", "U", "U", "T"), _CPU_AND_CUDA, (_T,)
+    ),
+    "SkipSimplifiedLayerNormalization": _ContribSchema(
+        ("T",) * 4, ("T", "U", "U", "T"), _CPU_AND_CUDA, (_T,)
+    ),
+    "BiasGelu": _ContribSchema(("T", "T"), ("T",), _CUDA, (_T,)),
+    "FastGelu": _ContribSchema(("T", "T"), ("T",), _CUDA, (_T,)),
+    "Gelu": _ContribSchema(("T",), ("T",), _CUDA, (_T,)),
+}
+# ONNX Runtime's CUDA FusedConv has a float32 kernel only; in float16 the Conv and its
+# activation run as two ops, which is far faster than a float32 FusedConv between two Casts.
+_UNFUSED_ACTIVATIONS = ("Relu", "Sigmoid", "Tanh")
 _FLOAT = ir.DataType.FLOAT
 _FLOAT16 = ir.DataType.FLOAT16
 _SMALLEST_SUBNORMAL = float(np.finfo(np.float16).smallest_subnormal)
@@ -211,12 +265,15 @@ class _Slots:
         return set(self.inputs) | set(self.outputs)
 
 
-def _formal(parameters, index: int):
+def _formal_type(parameters, index: int) -> str | None:
+    """The type string of formal parameter ``index`` (ONNX's, or a contrib schema's string)."""
     if index < len(parameters):
-        return parameters[index]
-    if parameters and parameters[-1].option == onnx.defs.OpSchema.FormalParameterOption.Variadic:
-        return parameters[-1]
-    return None
+        formal = parameters[index]
+    elif parameters and getattr(parameters[-1], "option", None) == _VARIADIC:
+        formal = parameters[-1]
+    else:
+        return None
+    return formal if isinstance(formal, str) else formal.type_str
 
 
 def _is_constant(value: ir.Value) -> bool:
@@ -243,6 +300,11 @@ def _constant_array(value: ir.Value) -> np.ndarray:
     if "value_float" in attributes:
         return np.array(attributes["value_float"].as_float(), dtype=np.float32)
     return np.array(attributes["value_floats"].as_floats(), dtype=np.float32)
+
+
+def _is_read(value: ir.Value) -> bool:
+    """Whether anything reads the value: an optional output nobody reads has no say."""
+    return bool(value.uses()) or value.is_graph_output() or value.producer() is None
 
 
 def _to_float16(array: np.ndarray) -> np.ndarray:
@@ -277,8 +339,10 @@ class _Converter:
         op_block_list: Iterable[str],
         max_finite: float,
         ranges: Mapping[str, float],
+        target: str = DEFAULT_TARGET,
     ) -> None:
         self.model = model
+        self.target = target
         self.graph = model.graph
         self.keep_io_types = keep_io_types
         self.op_block_list = frozenset(op_block_list)
@@ -314,6 +378,7 @@ class _Converter:
             for value, dtype in dtypes.items():
                 if dtype is None and value.name is not None:
                     dtypes[value] = inferred.get(value.name)
+            _propagate_contrib_types(self.graph, dtypes)
         return dtypes
 
     def _main_values(self) -> list[ir.Value]:
@@ -344,11 +409,19 @@ class _Converter:
             self.range_cache[value] = _out_of_range(_constant_array(value), self.max_finite)
         return self.range_cache[value]
 
+    def _schema(self, node: ir.Node):
+        """ONNX's schema of the node, or ours of a contrib op; None when neither is known."""
+        if node.domain == _CONTRIB_DOMAIN:
+            return _CONTRIB_SCHEMAS.get(node.op_type)
+        try:
+            return onnx.defs.get_schema(node.op_type, node.version or self.opset, "")
+        except onnx.defs.SchemaError:
+            return None
+
     def _slots(self, node: ir.Node) -> _Slots | None:
         """The node's float32 slots by type parameter; None when the schema is not known."""
-        try:
-            schema = onnx.defs.get_schema(node.op_type, node.version or self.opset, "")
-        except onnx.defs.SchemaError:
+        schema = self._schema(node)
+        if schema is None:
             return None
         allowed = {
             c.type_param_str
@@ -364,11 +437,11 @@ class _Converter:
             for index, value in enumerate(values):
                 if not self.is_float32(value):
                     continue
-                formal = _formal(formals, index)
+                formal = _formal_type(formals, index)
                 if formal is None:
                     return None
-                if formal.type_str in allowed:
-                    bound.setdefault(formal.type_str, []).append(index)
+                if formal in allowed:
+                    bound.setdefault(formal, []).append(index)
                 elif bound is slots.inputs:
                     slots.fixed_inputs.append(index)
         return slots
@@ -378,7 +451,10 @@ class _Converter:
         values = [v for v in (*node.inputs, *node.outputs) if v is not None]
         if not any(self.is_float32(v) for v in values):
             return None  # nothing to convert
-        if node.domain not in _ONNX_DOMAINS:
+        if node.domain == _CONTRIB_DOMAIN and node.op_type in _CONTRIB_SCHEMAS:
+            if self.target not in _CONTRIB_SCHEMAS[node.op_type].float16:
+                return f"ONNX Runtime has no float16 {node.op_type} kernel for {self.target}"
+        elif node.domain not in _ONNX_DOMAINS:
             return f"domain '{node.domain}' is not ONNX's"
         if has_subgraphs(node):
             return "it has subgraphs"
@@ -386,7 +462,7 @@ class _Converter:
             return "op_block_list"
         if node.op_type in _ALWAYS_FLOAT32:
             return "a random or attribute-typed op"
-        if any(self.dtypes.get(v) is None for v in values):
+        if any(self.dtypes.get(v) is None and _is_read(v) for v in values):
             return "a value of unknown type"
         for value in values:
             if value in self.pinned:
@@ -651,6 +727,63 @@ class _Converter:
         return changes
 
 
+def _propagate_contrib_types(graph: ir.Graph, dtypes: dict[ir.Value, ir.DataType | None]) -> None:
+    """Type the untyped outputs of known contrib ops from their inputs (ONNX cannot infer them)."""
+    for node in graph:
+        schema = _CONTRIB_SCHEMAS.get(node.op_type) if node.domain == _CONTRIB_DOMAIN else None
+        if schema is None:
+            continue
+        bound = {
+            param: dtypes.get(value)
+            for value, param in zip(node.inputs, schema.inputs, strict=False)
+            if value is not None and dtypes.get(value) is not None
+        }
+        for value, param in zip(node.outputs, schema.outputs, strict=False):
+            if dtypes.get(value) is None and param in bound:
+                dtypes[value] = bound[param]
+
+
+def unfuse_conv_activations(graph: ir.Graph) -> int:
+    """Split each ``FusedConv`` with a parameterless activation into Conv (+ Add) + activation.
+
+    FusedConv computes ``activation(Conv(X, W, B) + Z)``; the split computes the same formula
+    with ONNX ops. Returns the number of nodes split.
+    """
+    count = 0
+    for node in list(graph):
+        if node.domain != _CONTRIB_DOMAIN or node.op_type != "FusedConv":
+            continue
+        activation = node.attributes.get_string("activation", "")
+        if activation not in _UNFUSED_ACTIVATIONS:
+            continue
+        x, w, *rest = node.inputs
+        bias = rest[0] if rest else None
+        z = rest[1] if len(rest) > 1 else None
+        attributes = {
+            k: v for k, v in node.attributes.items() if k not in ("activation", "activation_params")
+        }
+        conv = ir.node("Conv", [x, w] + ([bias] if bias is not None else []), attributes)
+        conv.name = f"{node.name}_conv"
+        out = conv.outputs[0]
+        out.type, out.shape = node.outputs[0].type, node.outputs[0].shape
+        new_nodes = [conv]
+        if z is not None:
+            add = ir.node("Add", [out, z], name=f"{node.name}_sum")
+            add.outputs[0].type, add.outputs[0].shape = out.type, out.shape
+            new_nodes.append(add)
+            out = add.outputs[0]
+        act = ir.node(activation, [out], name=f"{node.name}_{activation.lower()}")
+        new_nodes.append(act)
+        graph.insert_before(node, new_nodes)
+        fused, split = node.outputs[0], act.outputs[0]
+        split.type, split.shape = fused.type, fused.shape
+        ir.convenience.replace_all_uses_with(fused, split, replace_graph_outputs=True)
+        split.name, fused.name = fused.name, None
+        graph.remove(node, safe=True)
+        count += 1
+    return count
+
+
 def _values_of(graph: ir.Graph) -> list[ir.Value]:
     values = list(graph.inputs) + list(graph.initializers.values())
     for node in graph:
@@ -673,13 +806,19 @@ class Float16Pass(Pass):
         op_block_list: tuple[str, ...] = DEFAULT_OP_BLOCK_LIST,
         max_finite: float = DEFAULT_MAX_FINITE,
         calibration_ranges: str | None = None,
+        # the execution provider the model will run on: which fused (contrib) ops have
+        # float16 kernels there; ``cuda`` also splits FusedConv, which is float32-only on CUDA
+        target: Literal["cpu", "cuda"] = DEFAULT_TARGET,
     ) -> None:
+        if target not in TARGETS:
+            raise ValueError(f"unknown target {target!r}; choices: {', '.join(TARGETS)}")
         if not 0 < max_finite <= DEFAULT_MAX_FINITE:
             raise ValueError(f"max_finite must be in (0, {DEFAULT_MAX_FINITE:g}]")
         self.keep_io_types = keep_io_types
         self.op_block_list = tuple(op_block_list)
         self.max_finite = float(max_finite)
         self.calibration_ranges = calibration_ranges
+        self.target = target
 
     def call(self, model: ir.Model) -> PassResult:
         """Place every float32 value of the main graph in float16 or float32, Casts between."""
@@ -688,11 +827,13 @@ class Float16Pass(Pass):
             if self.calibration_ranges is not None
             else {}
         )
+        split = unfuse_conv_activations(model.graph) if self.target == "cuda" else 0
         converter = _Converter(
             model,
+            target=self.target,
             keep_io_types=self.keep_io_types,
             op_block_list=self.op_block_list,
             max_finite=self.max_finite,
             ranges=ranges,
         )
-        return PassResult(model, converter.run() > 0)
+        return PassResult(model, converter.run() + split > 0)

@@ -40,6 +40,7 @@ check refused, with the check's reason.
 from __future__ import annotations
 
 import collections
+import copy
 import dataclasses
 import functools
 import logging
@@ -72,6 +73,7 @@ from onnxforge.passes.registry import register
 __all__ = [
     "FusePass",
     "NearMiss",
+    "Rewrite",
     "explain",
     "canonicalize",
     "pack_constant_concats",
@@ -91,6 +93,8 @@ DEFAULT_TARGET = "cpu"
 # Integer masks that reach Attention's additive mask as (1 - m) * c are 0/1 padding masks:
 # the convention of BERT-style attention_mask inputs, and ONNX Runtime's optimizer's assumption.
 DEFAULT_BINARY_MASKS = True
+# A Concat of constants that other nodes read too is packed (copied) up to this size.
+SHARED_PACK_LIMIT_BYTES = 1 << 20
 
 # What onnxscript's matcher says when a full structural match is refused because an
 # intermediate value has another consumer or is a graph output.
@@ -105,6 +109,9 @@ class _Stage:
     rules: Sequence[pattern.RewriteRule]
     infer_shapes_after: bool = False  # the rewrite adds nodes that later stages read shapes of
     fuses: bool = True  # False for stages that only make room for a fusion
+    # False for a stage that completes earlier rewrites (sdpa-leftovers): a rewrite limit
+    # (FusePass.with_rewrite_limit) must never strand a temporary node, so it always runs
+    counted: bool = True
 
 
 @functools.cache
@@ -140,6 +147,7 @@ def _stages(rule_sets: tuple[str, ...], target: str, binary_masks: bool) -> tupl
                     # SDPA's rewrite adds nodes whose shapes the MHA checks read
                     infer_shapes_after=name == "sdpa",
                     fuses=name != attention.SHAPE_READERS,
+                    counted=name != "sdpa-leftovers",
                 )
             )
         if binary_masks:
@@ -171,8 +179,47 @@ def canonicalize(model: ir.Model) -> None:
     _infer_shapes(model)
 
 
-def _apply_stage(model: ir.Model, stage: _Stage) -> int:
-    count = pattern.RewriteRuleSet(stage.rules).apply_to_model(model)
+@dataclasses.dataclass(frozen=True)
+class Rewrite:
+    """One rewrite that ``fuse`` applied: its stage, its rule, and the nodes it replaced."""
+
+    stage: str
+    rule: str
+    nodes: tuple[str, ...]
+
+    def __str__(self) -> str:
+        return f"{self.rule} ({self.stage}) on {', '.join(self.nodes)}"
+
+
+class _RewriteCounter:
+    """Lets at most ``limit`` rewrites happen (all when None) and logs each one, in order."""
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit
+        self.applied: list[Rewrite] = []
+
+    def wrap(self, stage: str, rule: pattern.RewriteRule) -> pattern.RewriteRule:
+        """A copy of ``rule`` that refuses every match once the limit is reached."""
+        counted = copy.copy(rule)
+
+        def try_rewrite(model, graph_or_function, node, **kwargs):
+            if self.limit is not None and len(self.applied) >= self.limit:
+                return None
+            delta = rule.try_rewrite(model, graph_or_function, node, **kwargs)
+            if delta is not None and kwargs.get("tracer") is None:
+                nodes = tuple(_label(n) for n in delta.match.nodes)
+                self.applied.append(Rewrite(stage, str(rule), nodes))
+            return delta
+
+        counted.try_rewrite = try_rewrite  # type: ignore[method-assign]
+        return counted
+
+
+def _apply_stage(model: ir.Model, stage: _Stage, counter: _RewriteCounter | None = None) -> int:
+    rules = stage.rules
+    if counter is not None and stage.counted:
+        rules = [counter.wrap(stage.name, rule) for rule in rules]
+    count = pattern.RewriteRuleSet(rules).apply_to_model(model)
     if count:
         logger.debug("fuse: stage %s made %d rewrites", stage.name, count)
         # matched nodes are gone; their inputs' producers (shape arithmetic) may be dead now
@@ -183,7 +230,10 @@ def _apply_stage(model: ir.Model, stage: _Stage) -> int:
 
 
 def pack_constant_concats(graph: ir.Graph) -> int:
-    """Replace each Concat of constants that nothing else reads with one initializer.
+    """Replace each Concat of constants with one initializer.
+
+    Constants that something else reads too are packed only when the copy is small (biases,
+    up to ``SHARED_PACK_LIMIT_BYTES``): a large one would be stored twice.
 
     The attention fusions pack the Q, K and V weights and biases with Concat nodes; folding
     them here (exactly: a copy of the values) saves the runtime from doing it at load time.
@@ -196,8 +246,9 @@ def pack_constant_concats(graph: ir.Graph) -> int:
         parts = [constant_array(v) for v in node.inputs]
         if not parts or any(p is None for p in parts):
             continue
-        if any(len(v.uses()) != 1 or v.is_graph_output() for v in node.inputs):
-            continue
+        shared = any(len(v.uses()) != 1 or v.is_graph_output() for v in node.inputs)
+        if shared and sum(p.nbytes for p in parts) > SHARED_PACK_LIMIT_BYTES:
+            continue  # packing would keep a second copy of large weights
         packed = node.outputs[0]
         if packed.is_graph_output():
             continue
@@ -271,6 +322,20 @@ class FusePass(FunctionalPass):
         self.rules = _validated_rules(rules)
         self.target = target
         self.binary_masks = binary_masks
+        self._rewrite_limit: int | None = None
+        self._counting = False
+        self.applied_rewrites: list[Rewrite] = []
+
+    def with_rewrite_limit(self, limit: int | None) -> FusePass:
+        """A copy of this pass that applies at most ``limit`` rewrites (all when None).
+
+        Rewrites count in the order they happen (stage by stage, node by node); after a run,
+        the copy's ``applied_rewrites`` lists them. ``onnxforge optimize --bisect`` uses it to
+        find the first rewrite that breaks a model, as LLVM's debug counters do.
+        """
+        limited = FusePass(rules=self.rules, target=self.target, binary_masks=self.binary_masks)
+        limited._rewrite_limit, limited._counting = limit, True
+        return limited
 
     def call(self, model: ir.Model) -> PassResult:
         """Canonicalise and fuse a copy; an unchanged copy when no fusion fires."""
@@ -278,11 +343,14 @@ class FusePass(FunctionalPass):
         canonicalize(fused)
         counts: collections.Counter[str] = collections.Counter()
         fusions = 0
+        counter = _RewriteCounter(self._rewrite_limit) if self._counting else None
         for stage in _stages(self.rules, self.target, self.binary_masks):
-            count = _apply_stage(fused, stage)
+            count = _apply_stage(fused, stage, counter)
             counts[stage.name] += count
             fusions += count if stage.fuses else 0
         logger.info("fuse: %d fusions %s", fusions, {k: v for k, v in counts.items() if v})
+        if counter is not None:
+            self.applied_rewrites = list(counter.applied)
         if not fusions:
             return PassResult(model.clone(), False)
         pack_constant_concats(fused.graph)

@@ -13,6 +13,7 @@ import hashlib
 import logging
 import os
 import pathlib
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, Protocol
@@ -121,9 +122,51 @@ class Ledger(Instrument):
         self._before = after
 
 
+# In-memory tensors larger than this are checked as references to a placeholder file (below).
+_PLACEHOLDER_MIN_BYTES = 1 << 20
+
+
 def _check_structure(model: ir.Model) -> None:
-    proto = ir.to_proto(model)
-    onnx.checker.check_model(proto, full_check=True)
+    """ONNX checker and strict shape inference, without reading or copying large weights.
+
+    The checker needs a tensor's type and shape, not its bytes, but it reads external data
+    relative to the model file's folder, which a proto built in memory does not have (so every
+    model loaded with external data failed), and a proto past 2 GiB cannot be built at all.
+    External tensors and large in-memory ones are therefore checked as references into an
+    empty placeholder file in a temporary folder: nothing is read, copied or written.
+    """
+    swapped: list[tuple[ir.Value, ir.TensorProtocol]] = []
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if tensor is None or tensor.dtype == ir.DataType.STRING:
+                continue
+            if isinstance(tensor, ir.ExternalTensor) or tensor.nbytes > _PLACEHOLDER_MIN_BYTES:
+                swapped.append((value, tensor))
+    if not swapped:
+        onnx.checker.check_model(ir.to_proto(model), full_check=True)
+        return
+    with tempfile.TemporaryDirectory(prefix="onnxforge-check-") as folder:
+        placeholder = pathlib.Path(folder) / "placeholder.data"
+        try:
+            for value, tensor in swapped:
+                value.const_value = ir.ExternalTensor(
+                    placeholder.name,
+                    0,
+                    tensor.nbytes,
+                    tensor.dtype,
+                    shape=tensor.shape,
+                    name=str(tensor.name or value.name),
+                    base_dir=folder,
+                )
+            proto = ir.to_proto(model)
+        finally:
+            for value, tensor in swapped:
+                value.const_value = tensor
+        placeholder.touch()  # the checker wants the file to exist; it never reads it
+        path = pathlib.Path(folder) / "model.onnx"
+        path.write_bytes(proto.SerializeToString())
+        onnx.checker.check_model(str(path), full_check=True)
 
 
 class VerifyStructure(Instrument):

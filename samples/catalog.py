@@ -39,6 +39,9 @@ class Sample:
     evaluation_data: Callable[[], tuple[dict[str, np.ndarray], np.ndarray | None]] | None = None
     # How accuracy is measured on the evaluation data.
     metric: Literal["top1", "cosine"] = "cosine"
+    # Labelled training inputs (keyed by ONNX input name) and labels, for fine-tuning and
+    # distillation (``onnxforge distill``); never the held-out set.
+    training_data: Callable[[], tuple[dict[str, np.ndarray], np.ndarray | None]] | None = None
 
 
 _SAMPLES: dict[str, Sample] = {}

@@ -116,6 +116,14 @@ def _calibration_data(*, flat: bool, input_name: str = "x") -> Iterator[dict[str
         yield {input_name: _images(pixels[start : start + CALIBRATION_BATCH], flat=flat)}
 
 
+def _training_data(
+    *, flat: bool, input_name: str = "x"
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The training images and their labels (what the shipped weights were trained on)."""
+    split = load_digits_split()
+    return {input_name: _images(split["x_train"], flat=flat)}, split["y_train"].astype(np.int64)
+
+
 def _evaluation_data(
     *, flat: bool, input_name: str = "x"
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -133,6 +141,7 @@ register_sample(
         calibration_data=functools.partial(_calibration_data, flat=False),
         evaluation_data=functools.partial(_evaluation_data, flat=False),
         metric="top1",
+        training_data=functools.partial(_training_data, flat=False),
     )
 )
 register_sample(
@@ -144,5 +153,6 @@ register_sample(
         calibration_data=functools.partial(_calibration_data, flat=True),
         evaluation_data=functools.partial(_evaluation_data, flat=True),
         metric="top1",
+        training_data=functools.partial(_training_data, flat=True),
     )
 )

@@ -8,15 +8,32 @@ is for speed, fusion and pruning work, not accuracy.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
+import numpy as np
 import torch
 from torch import nn
 
 from onnxforge.samples.catalog import Sample, register_sample
 
-__all__ = ["BasicBlock", "ResNet18", "build", "example_inputs", "IMAGE_SIZE", "SEED"]
+__all__ = [
+    "BasicBlock",
+    "ResNet18",
+    "build",
+    "example_inputs",
+    "calibration_data",
+    "evaluation_data",
+    "IMAGE_SIZE",
+    "SEED",
+]
 
 SEED = 0
 IMAGE_SIZE = 64
+# Seeded random images stand in for data (the weights are random too): calibration batches
+# and a held-out evaluation set drawn from other seeds.
+CALIBRATION_BATCHES = 8
+CALIBRATION_BATCH = 8
+EVALUATION_ROWS = 32
 STAGE_WIDTHS = (64, 128, 256, 512)
 NUM_CLASSES = 1000
 
@@ -93,11 +110,29 @@ def example_inputs(batch: int = 2) -> tuple[torch.Tensor, ...]:
     return (torch.randn(batch, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator),)
 
 
+def _images(rows: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((rows, 3, IMAGE_SIZE, IMAGE_SIZE)).astype(np.float32)
+
+
+def calibration_data() -> Iterator[dict[str, np.ndarray]]:
+    """Seeded random images in CALIBRATION_BATCHES batches, for quantization."""
+    for index in range(CALIBRATION_BATCHES):
+        yield {"x": _images(CALIBRATION_BATCH, SEED + 100 + index)}
+
+
+def evaluation_data() -> tuple[dict[str, np.ndarray], None]:
+    """Other seeded random images; no labels (the metric compares with the float model)."""
+    return {"x": _images(EVALUATION_ROWS, SEED + 200)}, None
+
+
 register_sample(
     Sample(
         "resnet",
         "ResNet-18-style CNN in plain torch (3x64x64, 1000 classes), seeded weights",
         build,
         example_inputs,
+        calibration_data=calibration_data,
+        evaluation_data=evaluation_data,
     )
 )

@@ -9,13 +9,26 @@ and an erf-GELU feed-forward block. Inputs are ``input_ids`` and ``attention_mas
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
+import numpy as np
 import torch
 from torch import nn
 
 from onnxforge.samples.catalog import Sample, register_sample
 
-__all__ = ["TinyBert", "build", "example_inputs", "VOCAB", "HIDDEN", "HEADS", "LAYERS", "SEQUENCE"]
+__all__ = [
+    "TinyBert",
+    "build",
+    "example_inputs",
+    "calibration_data",
+    "evaluation_data",
+    "VOCAB",
+    "HIDDEN",
+    "HEADS",
+    "LAYERS",
+    "SEQUENCE",
+]
 
 SEED = 0
 VOCAB = 1000
@@ -26,6 +39,10 @@ INTERMEDIATE = 512
 MAX_POSITIONS = 128
 SEQUENCE = 32
 LAYER_NORM_EPS = 1e-12
+# Seeded random token batches stand in for data: calibration batches, and held-out rows.
+CALIBRATION_BATCHES = 8
+CALIBRATION_BATCH = 8
+EVALUATION_ROWS = 32
 
 
 class SelfAttention(nn.Module):
@@ -108,6 +125,25 @@ def example_inputs(batch: int = 2, sequence: int = SEQUENCE) -> tuple[torch.Tens
     return input_ids, attention_mask
 
 
+def _token_batch(batch: int, seed: int) -> dict[str, np.ndarray]:
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, VOCAB, (batch, SEQUENCE), generator=generator)
+    lengths = torch.randint(SEQUENCE // 2, SEQUENCE + 1, (batch,), generator=generator)
+    attention_mask = (torch.arange(SEQUENCE)[None, :] < lengths[:, None]).to(torch.int64)
+    return {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy()}
+
+
+def calibration_data() -> Iterator[dict[str, np.ndarray]]:
+    """Seeded random padded token batches, for quantization."""
+    for index in range(CALIBRATION_BATCHES):
+        yield _token_batch(CALIBRATION_BATCH, SEED + 100 + index)
+
+
+def evaluation_data() -> tuple[dict[str, np.ndarray], None]:
+    """Other seeded token rows; no labels (the metric compares with the float model)."""
+    return _token_batch(EVALUATION_ROWS, SEED + 200), None
+
+
 register_sample(
     Sample(
         "transformer",
@@ -116,5 +152,7 @@ register_sample(
         build,
         example_inputs,
         dynamic_axes={"input_ids": {1: "sequence"}, "attention_mask": {1: "sequence"}},
+        calibration_data=calibration_data,
+        evaluation_data=evaluation_data,
     )
 )

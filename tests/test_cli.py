@@ -39,6 +39,7 @@ SUBCOMMAND_OPTIONS = {
         "--reproducer",
         "--print-ir",
         "--explain",
+        "--target",
     ],
     "passes": ["--json"],
     "inspect": ["--json"],
@@ -53,11 +54,27 @@ SUBCOMMAND_OPTIONS = {
         "--concurrency",
         "--max-batch",
         "--batch-timeout-ms",
+        "--cuda-graph",
         "--json",
     ],
     "samples": ["--check"],
     "run": ["--inputs", "--batch", "--shape", "--ep", "--save"],
     "demo": ["--out"],
+    "distill": [
+        "--output",
+        "--teacher",
+        "--sample",
+        "--data",
+        "--epochs",
+        "--temperature",
+        "--alpha",
+        "--lr",
+        "--batch-size",
+        "--seed",
+        "--threads",
+        "--json",
+    ],
+    "ensemble": ["--output", "--mode", "--match-inputs"],
 }
 
 PLUGIN = textwrap.dedent(
@@ -254,6 +271,40 @@ def test_optimize_then_inspect(tiny_model_path):
     assert info["onnxforge_version"] == onnxforge.__version__
     assert info["nodes"] == _node_count(out)
     assert [i["name"] for i in info["inputs"]] == ["x"]
+
+
+@pytest.mark.parametrize(
+    ("target", "pipeline"),
+    [
+        ("cpu", "fold-constants,cleanup,fuse"),
+        ("cuda", "fold-constants,cleanup,fuse{target=cuda},fp16{target=cuda}"),
+    ],
+)
+def test_optimize_without_a_pipeline_starts_from_the_target_preset(
+    tiny_model_path, target, pipeline
+):
+    folder = tiny_model_path.parent
+    result = cli("optimize", tiny_model_path.name, "-o", f"{target}.onnx", "--target", target,
+                 "--ledger", f"{target}.json", cwd=folder)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert json.loads((folder / f"{target}.json").read_text())["pipeline"] == pipeline
+    shown = json.loads(cli("inspect", f"{target}.onnx", "--json", cwd=folder).stdout)
+    assert shown["pipeline"] == pipeline
+
+
+def test_optimize_unknown_target_is_a_usage_error(tiny_model_path):
+    folder = tiny_model_path.parent
+    result = cli("optimize", tiny_model_path.name, "-o", "x.onnx", "--target", "tpu", cwd=folder)
+    assert result.returncode == 2
+    assert "use cpu or cuda" in result.stderr
+    assert not (folder / "x.onnx").exists()
+
+
+def test_bench_cuda_graph_on_the_cpu_is_a_clear_error(tiny_model_path):
+    result = cli("bench", tiny_model_path.name, "--cuda-graph", cwd=tiny_model_path.parent)
+    assert result.returncode == 2
+    (line,) = _error_lines(result)
+    assert line.startswith("error: CUDA graphs need the cuda execution provider")
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import textwrap
@@ -18,12 +19,14 @@ import onnxforge
 from onnxforge.errors import InputError
 from onnxforge.io import (
     PIPELINE_KEY,
+    TEMP_PREFIX,
     VERSION_KEY,
     atomic_write_text,
-    external_data_name,
+    external_data_files,
 )
 
-TEMP_PREFIX = ".onnxforge-"
+# model.onnx -> model.onnx.<16 hex digits of the data's digest>.data
+DATA_NAME = re.compile(r"model\.onnx\.[0-9a-f]{16}\.data")
 
 
 def _op_types(model: ir.Model) -> list[str]:
@@ -37,6 +40,12 @@ def _folder_contents(folder: pathlib.Path) -> dict[str, bytes]:
 
 def _leftovers(folder: pathlib.Path) -> list[str]:
     return [p.name for p in folder.iterdir() if p.name.startswith(TEMP_PREFIX)]
+
+
+def _data_file(model_path: pathlib.Path) -> pathlib.Path:
+    """The one external data file a saved model refers to."""
+    (data_file,) = external_data_files(model_path)
+    return data_file
 
 
 def _rewrite_external_data(source: pathlib.Path, target: pathlib.Path, **entries) -> None:
@@ -103,7 +112,7 @@ def test_load_empty_file_is_refused(tmp_path):
 
 
 def test_external_data_is_lazy(tiny_external_path, tiny_bias):
-    data_file = tiny_external_path.with_name(external_data_name(tiny_external_path))
+    data_file = _data_file(tiny_external_path)
     assert data_file.stat().st_size == tiny_bias.nbytes
     model = onnxforge.load(tiny_external_path)
     tensor = model.graph.initializers["bias"].const_value
@@ -120,11 +129,11 @@ def test_external_data_is_lazy(tiny_external_path, tiny_bias):
         pytest.param({"location": "../DATA"}, "not a plain relative path", id="dot-dot"),
         pytest.param({"location": "sub/../DATA"}, "not a plain relative path", id="inner-dot-dot"),
         pytest.param({"offset": 4}, "past the end", id="offset-past-end"),
-        pytest.param({"length": "LONG"}, "past the end", id="length-past-end"),
+        pytest.param({"length": "LONG"}, "does not match", id="length-past-end"),
     ],
 )
 def test_external_data_validation_refuses(tiny_external_path, tiny_bias, entries, message):
-    data_file = tiny_external_path.with_name(external_data_name(tiny_external_path))
+    data_file = _data_file(tiny_external_path)
     values = {
         "ABSOLUTE": str(data_file.resolve()),
         "../DATA": f"../{tiny_external_path.parent.name}/{data_file.name}",
@@ -148,7 +157,7 @@ def test_external_data_validation_accepts_the_untouched_entries(tiny_external_pa
 
 
 def test_external_data_symlink_leaving_the_folder_is_refused(tmp_path, tiny_external_path):
-    data_file = tiny_external_path.with_name(external_data_name(tiny_external_path))
+    data_file = _data_file(tiny_external_path)
     model_dir = tmp_path / "model"
     model_dir.mkdir()
     (model_dir / "weights.data").symlink_to(data_file.resolve())
@@ -159,7 +168,7 @@ def test_external_data_symlink_leaving_the_folder_is_refused(tmp_path, tiny_exte
 
 
 def test_external_data_symlink_inside_the_folder_is_accepted(tiny_external_path, tiny_bias):
-    data_file = tiny_external_path.with_name(external_data_name(tiny_external_path))
+    data_file = _data_file(tiny_external_path)
     (tiny_external_path.parent / "alias.data").symlink_to(data_file.name)
     crafted = tiny_external_path.with_name("crafted.onnx")
     _rewrite_external_data(tiny_external_path, crafted, location="alias.data")
@@ -168,7 +177,7 @@ def test_external_data_symlink_inside_the_folder_is_accepted(tiny_external_path,
 
 
 def test_external_data_missing_file_is_refused(tiny_external_path):
-    tiny_external_path.with_name(external_data_name(tiny_external_path)).unlink()
+    _data_file(tiny_external_path).unlink()
     with pytest.raises(InputError, match="missing"):
         onnxforge.load(tiny_external_path)
 
@@ -200,7 +209,8 @@ def test_save_is_deterministic(tmp_path, make_tiny_model):
     onnxforge.save(model, first / "model.onnx", external_data=True)
     onnxforge.save(model, second / "model.onnx", external_data=True)
     contents = _folder_contents(first)
-    assert set(contents) == {"model.onnx", "model.onnx.data"}
+    assert len(contents) == 2 and "model.onnx" in contents
+    assert any(DATA_NAME.fullmatch(name) for name in contents)
     assert contents == _folder_contents(second)
 
 
@@ -235,7 +245,7 @@ def test_save_is_deterministic_across_processes(tmp_path, tiny_text, make_tiny_m
     here.mkdir()
     onnxforge.save(make_tiny_model(), here / "model.onnx", external_data=True)
     expected = _folder_contents(here)
-    assert set(expected) == {"model.onnx", "model.onnx.data"}
+    assert len(expected) == 2 and any(DATA_NAME.fullmatch(name) for name in expected)
     assert [_folder_contents(f) for f in folders] == [expected, expected]
 
 
@@ -259,22 +269,25 @@ def test_save_refuses_a_hard_link_to_its_source(tiny_model_path):
 
 
 def test_save_refuses_to_overwrite_the_data_file_it_reads(tmp_path, tiny_external_path):
-    data_file = tiny_external_path.with_name(external_data_name(tiny_external_path))
+    data_file = _data_file(tiny_external_path)
     before = data_file.read_bytes()
+    model = onnxforge.load(tiny_external_path)
+    with pytest.raises(InputError, match="reads its weights from that file"):
+        onnxforge.save(model, data_file)
     other = tmp_path / "other"
     other.mkdir()
     target = other / "model.onnx"
-    os.link(data_file, target.with_name(external_data_name(target)))
-    model = onnxforge.load(tiny_external_path)
+    os.link(data_file, target)  # the same file under another name
     with pytest.raises(InputError, match="reads its weights from that file"):
         onnxforge.save(model, target)
     assert data_file.read_bytes() == before
-    assert not target.exists()
+    assert target.read_bytes() == before
 
 
 def test_save_leaves_no_temporary_files(tmp_path, make_tiny_model):
     onnxforge.save(make_tiny_model(), tmp_path / "model.onnx", external_data=True)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.onnx.data"]
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert len(names) == 2 and names[0] == "model.onnx" and DATA_NAME.fullmatch(names[1])
 
 
 def test_save_failure_leaves_the_target_untouched(
@@ -324,13 +337,16 @@ def test_save_failure_after_the_data_file_leaves_the_target_untouched(
     assert _folder_contents(tmp_path) == before
 
 
-def test_save_replaces_a_stale_data_file(tmp_path, make_tiny_model, tiny_bias):
+def test_save_never_appends_to_a_stale_data_file(tmp_path, make_tiny_model, tiny_bias):
     target = tmp_path / "model.onnx"
-    stale = target.with_name(external_data_name(target))
-    stale.write_bytes(b"\xff" * (10 * tiny_bias.nbytes))
+    stale = tmp_path / "model.onnx.data"
+    garbage = b"\xff" * (10 * tiny_bias.nbytes)
+    stale.write_bytes(garbage)
     new_bias = tiny_bias * 3
     onnxforge.save(make_tiny_model(new_bias), target, external_data=True)
-    assert stale.stat().st_size == new_bias.nbytes
+    data_file = _data_file(target)
+    assert data_file.stat().st_size == new_bias.nbytes
+    assert stale.read_bytes() == garbage  # not ours to touch: no model referred to it
     tensor = onnxforge.load(target).graph.initializers["bias"].const_value
     assert isinstance(tensor, ir.ExternalTensor)
     assert tensor.offset == 0

@@ -70,6 +70,10 @@ def _checked(base):
         __doc__ = base.__doc__
 
         def check(self, context, input_a, input_b, input_c, **_):
+            add = context.root
+            if len(add.inputs) == 2 and add.inputs[0] is add.inputs[1]:
+                # Add(m, m): the addend is the product itself, which the Gemm would remove
+                return pattern.MatchResult().fail("the addend is the MatMul's own output")
             result = _check_gemm_operands(input_a, input_b, input_c)
             if not result:
                 return result

@@ -33,7 +33,7 @@ from onnxforge.passes.pipeline import canonical_pipeline
 from onnxforge.passes.statistics import model_stats
 from onnxforge.samples import get_sample
 
-from .conftest import as_text, assert_valid, build, inputs_for, op_counts, run
+from .conftest import as_text, assert_valid, build, inputs_for, normal, op_counts, run, weights
 
 # Largest relative L2 error of the outputs against float32, through ONNX Runtime.
 BUDGET = 1e-2
@@ -503,6 +503,108 @@ def test_custom_domain_ops_stay_float32() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# ONNX Runtime's fused ops: float16 where the target provider has the kernel
+
+SKIP_LAYER_NORM = f"""
+    <ir_version: 10, opset_import: ["" : 20, "com.microsoft" : 1]>
+    g (float[N,4] x, float[N,4] s) => (float[N,4] y)
+        <float[4,4] w = {{{WEIGHTS}}}, float[4] gamma = {{1.0, 0.5, 2.0, 1.5}},
+         float[4] beta = {{0.1, 0.2, 0.3, 0.4}}> {{
+        a = MatMul(x, w)
+        n, mean, inv = com.microsoft.SkipLayerNormalization(a, s, gamma, beta)
+        y = MatMul(n, w)
+    }}
+    """
+
+
+def _attention() -> ir.Model:
+    return build(
+        f"""
+        <ir_version: 10, opset_import: ["" : 20, "com.microsoft" : 1]>
+        g (float[2,3,4] x) => (float[2,3,4] y) {weights(qkv=normal(4, 12), bias=normal(12))} {{
+            y = com.microsoft.Attention<num_heads: int = 2>(x, qkv, bias)
+        }}
+        """
+    )
+
+
+@pytest.mark.parametrize("target", ["cpu", "cuda"])
+def test_skip_layer_norm_runs_in_float16_on_both_targets(target: str) -> None:
+    original = build(SKIP_LAYER_NORM)
+    model = build(SKIP_LAYER_NORM)
+    assert fp16(model, target=target) is True
+    node = node_of(model, "SkipLayerNormalization")
+    assert [v.dtype for v in node.inputs] == [FLOAT16] * 4
+    assert node.outputs[0].dtype == FLOAT16
+    assert cast_chains(model) == []
+    assert op_counts(model)["Cast"] == 3  # only at the two float32 graph inputs and the output
+    inputs = inputs_for(original)
+    comparison = compare_outputs(run(original, inputs), run(model, inputs))
+    assert 0 < comparison.rel_l2 < BUDGET
+
+
+@pytest.mark.parametrize(("target", "dtype"), [("cpu", FLOAT), ("cuda", FLOAT16)])
+def test_attention_is_float16_only_where_the_target_has_the_kernel(target, dtype) -> None:
+    model = _attention()
+    fp16(model, target=target)
+    node = node_of(model, "Attention")
+    assert [v.dtype for v in node.inputs] == [dtype] * 3
+    assert node.outputs[0].dtype == dtype
+    assert model.graph.initializers["qkv"].const_value.dtype == dtype
+    if target == "cpu":  # ONNX Runtime's CPU Attention is float32-only: it must still run
+        inputs = {"x": normal(2, 3, 4)}
+        np.testing.assert_allclose(run(model, inputs)[0], run(_attention(), inputs)[0], atol=1e-2)
+
+
+def _fused_conv() -> ir.Model:
+    return build(
+        f"""
+        <ir_version: 10, opset_import: ["" : 20, "com.microsoft" : 1]>
+        g (float[N,2,5,5] x) => (float[N,3,5,5] y) {weights(w=normal(3, 2, 3, 3), b=normal(3))} {{
+            y = com.microsoft.FusedConv<activation: string = "Relu", pads: ints = [1, 1, 1, 1]>(
+                x, w, b)
+        }}
+        """
+    )
+
+
+def test_cuda_target_splits_fused_conv_back_into_conv_and_relu() -> None:
+    model = _fused_conv()
+    assert fp16(model, target="cuda") is True
+    assert_valid(model)
+    assert op_counts(model) == {"Cast": 2, "Conv": 1, "Relu": 1}
+    assert node_of(model, "Conv").outputs[0].dtype == FLOAT16
+    assert model.graph.outputs[0].name == "y"
+    inputs = inputs_for(model)
+    comparison = compare_outputs(run(_fused_conv(), inputs), run(model, inputs))
+    assert 0 < comparison.rel_l2 < BUDGET
+
+
+def test_cpu_target_keeps_fused_conv_float32() -> None:
+    model = _fused_conv()
+    assert fp16(model) is False  # its only float op has no float16 kernel on the CPU
+    assert op_counts(model) == {"FusedConv": 1}
+
+
+def test_unused_untyped_optional_outputs_do_not_block() -> None:
+    model = build(SKIP_LAYER_NORM)  # mean and inv have no type and nobody reads them
+    node = node_of(model, "SkipLayerNormalization")
+    assert node.outputs[1].dtype is None and not node.outputs[1].uses()
+    fp16(model, target="cuda")
+    assert node.outputs[0].dtype == FLOAT16
+
+
+def test_cuda_preset_converts_a_fused_transformer() -> None:
+    from onnxforge.presets import CUDA_PIPELINE
+
+    model = onnxforge.optimize(exported("transformer"), CUDA_PIPELINE).model
+    fused = [n for n in model.graph if n.domain == "com.microsoft"]
+    assert {n.op_type for n in fused} >= {"Attention", "SkipLayerNormalization"}
+    for node in fused:
+        assert node.outputs[0].dtype == FLOAT16, node.op_type
+
+
+# ---------------------------------------------------------------------------------------------
 # Overflow: what the block list and calibration ranges prevent (ONNX's reference evaluator)
 
 
@@ -610,6 +712,8 @@ def test_calibration_ranges_that_cannot_be_read(tmp_path) -> None:
 def test_options_are_checked() -> None:
     with pytest.raises(ValueError, match="max_finite"):
         Float16Pass(max_finite=70000.0)
+    with pytest.raises(ValueError, match="unknown target 'tpu'; choices: cpu, cuda"):
+        Float16Pass(target="tpu")
 
 
 # ---------------------------------------------------------------------------------------------
