@@ -8,9 +8,9 @@ QDQ, int8 activations and weights, per tensor; and ONNX Runtime's advice for x86
 activations, per channel) on the sample's calibration data (CNNs). Every model runs on ONNX
 Runtime on the CPU with all graph optimisations on, as a user would deploy it. Latencies are
 medians over rounds that interleave the candidates (so machine noise hits all alike), each round
-a median of timed runs; ratios are against the float export. Accuracy is measured on the
-sample's held-out data: the worst sentence's embedding cosine against float (minilm, resnet),
-top-1 accuracy against the labels (digits-cnn).
+a median of timed runs, measured in a fresh process; ratios are against the float export.
+Accuracy is measured on the sample's held-out data: the worst sentence's embedding cosine
+against float (minilm, resnet), top-1 accuracy against the labels (digits-cnn).
 
     python benchmarks/quantization.py [--models minilm digits-cnn resnet] [--rounds 5]
 
@@ -22,9 +22,11 @@ points below float; resnet static >= 2x (batch 8).
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import io
 import logging
+import multiprocessing
 import pathlib
 import statistics
 import sys
@@ -185,6 +187,24 @@ def _accuracy(name: str, sessions: dict[str, Session], base: str) -> dict[str, s
     return figures
 
 
+def _time_candidates(
+    paths: dict[str, str],
+    feed: dict[str, np.ndarray],
+    batch: int,
+    rounds: int,
+    runs: int,
+    threads: int | None,
+) -> dict[str, list[float]]:
+    """p50 latency of each model in each round; rounds interleave the models."""
+    sessions = {label: Session(path, threads=threads) for label, path in paths.items()}
+    p50s: dict[str, list[float]] = {label: [] for label in sessions}
+    for _ in range(rounds):
+        for label, session in sessions.items():
+            bound = session.bind(feed)
+            p50s[label].append(time_runs(bound.run, batch=batch, warmup=2, runs=runs).p50_ms)
+    return p50s
+
+
 def _bench_model(name: str, args) -> list[str]:
     batch = args.batch or BATCH[name]
     with tempfile.TemporaryDirectory() as folder:
@@ -205,12 +225,16 @@ def _bench_model(name: str, args) -> list[str]:
             sessions[label] = session
         base = "float export (no quantization)"
         accuracy = _accuracy(name, sessions, base)
-        p50s: dict[str, list[float]] = {label: [] for label in sessions}
-        for _ in range(args.rounds):
-            for label, session in sessions.items():
-                bound = session.bind(feed)
-                stats = time_runs(bound.run, batch=batch, warmup=2, runs=args.runs)
-                p50s[label].append(stats.p50_ms)
+        paths = {label: str(candidates[label][0]) for label in sessions}
+        del sessions
+        # Timed in a fresh process: sessions (and whatever ONNX Runtime's quantizer tools keep)
+        # left alive in this one slowed every later session down, unevenly.
+        with concurrent.futures.ProcessPoolExecutor(
+            max_workers=1, mp_context=multiprocessing.get_context("spawn")
+        ) as pool:
+            p50s = pool.submit(
+                _time_candidates, paths, feed, batch, args.rounds, args.runs, args.threads
+            ).result()
         nodes = {
             label: len(onnx.load(str(m), load_external_data=False).graph.node)
             for label, (m, _, _) in candidates.items()

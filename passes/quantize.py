@@ -15,7 +15,9 @@ onnxforge's own steps, each in :mod:`onnxforge.passes.quantization`:
   from ONNX Runtime's op schemas: the quantizer otherwise stops with "Unable to find data type
   for weight_name"), ``FusedConv``/``FusedGemm`` split back into Conv/Gemm + activation where
   the mode quantizes them, a redundant ``qkv_hidden_sizes`` dropped so that ``Attention``
-  becomes ``QAttention``, unique node names. So the pass works after ``fuse`` as well as before;
+  becomes ``QAttention``, unique node names; in dynamic mode, ``BiasGelu`` after a quantized
+  MatMul and ``SkipLayerNormalization`` split back into ops that ONNX Runtime's CPU kernels
+  run faster around integer MatMuls. So the pass works after ``fuse`` as well as before;
 - *SmoothQuant* (``smooth=alpha``, needs data): per-channel activation outliers moved into the
   weights, which per-tensor activation quantization needs on transformers;
 - *calibration* (static mode) once, streamed in chunks, from ``data``: ``sample:NAME`` (a
@@ -30,10 +32,11 @@ onnxforge's own steps, each in :mod:`onnxforge.passes.quantization`:
 Defaults per CPU: weights per channel; ``reduce_range=auto`` quantizes weights to 7 bits only
 on x86 CPUs without VNNI, where the U8S8 kernels can saturate
 (:mod:`~onnxforge.passes.quantization.cpu`); uint8 activations with int8 weights (U8S8), the
-combination ONNX Runtime's x86 kernels are fastest at (int8 activations ran 3x slower on a
-QDQ ResNet here). Dynamic mode quantizes MatMul (and Gemm, which ONNX Runtime rewrites as
-MatMul first), contrib Attention and LSTM by default: the ops whose integer kernels are faster.
-Conv is static mode's job (``ConvInteger`` ran 4x slower than float convolution here); Gather
+combination ONNX Runtime's x86 kernels are fastest at (on a QDQ ResNet, ONNX Runtime's default
+int8 activations, per-tensor weights, ran 1.66x the float speed; uint8 with per-channel weights
+3.87x). Dynamic mode quantizes MatMul (and Gemm, which ONNX Runtime rewrites as MatMul first),
+contrib Attention and LSTM by default: the ops whose integer kernels are faster. Conv is static
+mode's job (``ConvInteger`` ran 4-8x slower than float convolution here); Gather
 (embedding tables) only saves size, at some accuracy.
 
 After the run, ``pass_.report`` (:class:`~onnxforge.passes.quantization.report.QuantizeReport`)
@@ -74,7 +77,7 @@ from onnxforge.passes.quantization.engine import (
 )
 from onnxforge.passes.quantization.metrics import METRICS, Evaluator
 from onnxforge.passes.quantization.report import FloatNode, QuantizeReport
-from onnxforge.passes.quantization.search import SENSITIVITY_METHODS, search
+from onnxforge.passes.quantization.search import SENSITIVITY_METHODS, SearchResult, search
 from onnxforge.passes.quantization.smooth import smooth, smoothing_groups
 from onnxforge.passes.registry import register
 
@@ -97,6 +100,7 @@ __all__ = [
     "DEFAULT_MAX_FLOAT",
     "DEFAULT_SMOOTH",
     "DYNAMIC_OP_TYPES",
+    "MIN_REDUCTION",
 ]
 
 logger = logging.getLogger(__name__)
@@ -120,6 +124,11 @@ DEFAULT_SMOOTH = None  # SmoothQuant off
 
 # Dynamic mode's default op types: those whose integer kernels beat float on the CPU.
 DYNAMIC_OP_TYPES = ("MatMul", "Attention", "LSTM")
+# A node whose outputs each sum fewer products than this (its weight's reduction size: a
+# Conv's in-channels x kernel, a MatMul's K) stays float: int8 saves nothing on so little
+# arithmetic and adds a quantization pass over its input. The first Conv of digits-cnn (1
+# channel, 3x3: 9 products) cost 0.85 ms quantized against 0.08 ms float at batch 256.
+MIN_REDUCTION = 16
 
 _MODES = ("dynamic", "static")
 _FORMATS = ("qdq", "qoperator")
@@ -325,49 +334,26 @@ class QuantizePass(FunctionalPass):
         working = self._prepare(model, settings, report)
         candidates = _candidates(working, settings.quantizable, dynamic=settings.mode == "dynamic")
         exclude = self._excluded_nodes(working, candidates)
+        shallow = _shallow_nodes(working, candidates)
         if settings.mode == "dynamic":  # float ops ONNX Runtime runs faster split (prepare.py)
-            quantized = frozenset(candidates) - exclude
-            report.unfused += prepare.split_bias_gelu(working, quantized)
+            to_quantize = frozenset(candidates) - exclude - set(shallow)
+            report.unfused += prepare.split_bias_gelu(working, to_quantize)
             report.unfused += prepare.lower_skip_layer_norm(working)
-        if not [name for name in candidates if name not in exclude]:
+        if not [name for name in candidates if name not in exclude and name not in shallow]:
             return self._no_op(
                 model,
                 "no-op",
                 f"nothing to quantize: no node of {', '.join(settings.op_types)} with a "
-                "constant weight outside exclude"
+                f"constant weight of at least {MIN_REDUCTION} products per output outside "
+                "exclude"
                 + (" (Conv is quantized by mode=static)" if settings.mode == "dynamic" else ""),
             )
         inputs = sources.input_infos(working)
         source = self._source(self.data, inputs, settings, report)
-        with tempfile.TemporaryDirectory(prefix="onnxforge-quantize-") as folder:
-            workdir = pathlib.Path(folder)
-            if self.smooth is not None:
-                groups = smoothing_groups(working, op_types=settings.quantizable, exclude=exclude)
-                names = [str(g.activation.name) for g in groups]
-                batches = _Counted(source.calibration())
-                ranges = activation_ranges(working, names, batches, workdir) if names else {}
-                report.smoothed = smooth(working, groups, ranges, alpha=self.smooth)
-                report.calibration_batches = batches.count
-            engine = Engine(
-                working,
-                settings,
-                workdir,
-                calibration=source.calibration if settings.mode == "static" else None,
-            )
-            report.calibration_batches = max(report.calibration_batches, engine.calibration_batches)
-            evaluator = self._evaluator(model, source, inputs, workdir, report)
-            result = search(
-                engine,
-                evaluator,
-                candidates,
-                exclude=exclude,
-                budget=self.budget,
-                method=self.sensitivity,
-                max_float=self.max_float,
-            )
-            if evaluator is None:  # the post-check the evaluation would have made
-                _check_runs(reference_path(workdir, model), result.path, source)
-            quantized = engine.load(result.path)
+        left_float = {*exclude, *shallow}
+        quantized, result = self._quantize(
+            model, working, settings, source, candidates, left_float, report
+        )
         quantized.metadata_props.update(model.metadata_props)
         counts = prepare.quantized_ops(quantized)
         if not counts:
@@ -377,8 +363,49 @@ class QuantizePass(FunctionalPass):
         report.loss_all_quantized, report.loss = result.loss_all_quantized, result.loss
         report.sensitivity = dict(result.costs)
         report.trials = result.trials
-        report.float_nodes = _float_nodes(working, candidates, exclude, result)
+        report.float_nodes = _float_nodes(working, candidates, exclude, shallow, result)
         return _Plan(quantized, True, report)
+
+    def _quantize(
+        self,
+        model: ir.Model,
+        working: ir.Model,
+        settings: Settings,
+        source: sources.DataSource,
+        candidates: Sequence[str],
+        left_float: set[str],
+        report: QuantizeReport,
+    ) -> tuple[ir.Model, SearchResult]:
+        """SmoothQuant, calibration, ONNX Runtime's quantizer and the search, in a temp folder."""
+        with tempfile.TemporaryDirectory(prefix="onnxforge-quantize-") as folder:
+            workdir = pathlib.Path(folder)
+            if self.smooth is not None:
+                groups = smoothing_groups(
+                    working, op_types=settings.quantizable, exclude=left_float
+                )
+                names = [str(g.activation.name) for g in groups]
+                batches = _Counted(source.calibration())
+                ranges = activation_ranges(working, names, batches, workdir) if names else {}
+                report.smoothed = smooth(working, groups, ranges, alpha=self.smooth)
+                report.calibration_batches = batches.count
+            calibration = source.calibration if settings.mode == "static" else None
+            engine = Engine(working, settings, workdir, calibration=calibration)
+            report.calibration_batches = max(report.calibration_batches, engine.calibration_batches)
+            evaluator = self._evaluator(
+                model, source, sources.input_infos(working), workdir, report
+            )
+            result = search(
+                engine,
+                evaluator,
+                candidates,
+                exclude=left_float,
+                budget=self.budget,
+                method=self.sensitivity,
+                max_float=self.max_float,
+            )
+            if evaluator is None:  # the post-check the evaluation would have made
+                _check_runs(reference_path(workdir, model), result.path, source)
+            return engine.load(result.path), result
 
     def _prepare(self, model: ir.Model, settings: Settings, report: QuantizeReport) -> ir.Model:
         """A copy of the model made ready for ONNX Runtime's quantizer (all steps exact)."""
@@ -534,6 +561,38 @@ def _candidates(model: ir.Model, op_types: Collection[str], *, dynamic: bool) ->
     return names
 
 
+def _reduction_size(node: ir.Node) -> int | None:
+    """How many products each output of ``node`` sums, from its weight's shape (None: unknown)."""
+    weight = node.inputs[1] if len(node.inputs) > 1 else None
+    if weight is None or weight.const_value is None:
+        return None
+    shape = [int(d) for d in weight.const_value.shape]
+    if not shape:
+        return None
+    if node.op_type == "Conv" and len(shape) >= 3:
+        return math.prod(shape[1:])
+    if node.op_type == "ConvTranspose" and len(shape) >= 3:
+        return shape[0] * math.prod(shape[2:])
+    if node.op_type == "MatMul" and len(shape) >= 2:
+        return shape[-2]
+    if node.op_type == "Gemm" and len(shape) == 2:
+        return shape[1] if node.attributes.get_int("transB", 0) else shape[0]
+    if node.op_type in ("Attention", "LSTM") and len(shape) >= 2:
+        return shape[0] if node.op_type == "Attention" else shape[-1]
+    return None
+
+
+def _shallow_nodes(model: ir.Model, candidates: Sequence[str]) -> dict[str, int]:
+    """Candidates whose reduction size is below MIN_REDUCTION, with that size."""
+    by_name = {node.name: node for node in model.graph}
+    shallow = {}
+    for name in candidates:
+        size = _reduction_size(by_name[name])
+        if size is not None and size < MIN_REDUCTION:
+            shallow[name] = size
+    return shallow
+
+
 def _plain_gemm(node: ir.Node) -> bool:
     attributes = node.attributes
     return (
@@ -551,7 +610,9 @@ def _quantized_by_op(model: ir.Model, names: set[str]) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def _float_nodes(model: ir.Model, candidates, exclude: set[str], result) -> list[FloatNode]:
+def _float_nodes(
+    model: ir.Model, candidates, exclude: set[str], shallow: dict[str, int], result
+) -> list[FloatNode]:
     ops = {node.name: node.op_type for node in model.graph}
     nodes = []
     for name in result.kept:
@@ -567,8 +628,12 @@ def _float_nodes(model: ir.Model, candidates, exclude: set[str], result) -> list
         )
     for name in sorted(exclude):
         nodes.append(FloatNode("excluded", (name,), "named in exclude", ops[name]))
+    for name, size in shallow.items():
+        if name not in exclude:
+            reason = f"{size} products per output, under {MIN_REDUCTION}: int8 gains nothing"
+            nodes.append(FloatNode("not quantized", (name,), reason, ops[name]))
     for name in candidates:
-        if name not in result.quantized and name not in exclude:
+        if name not in result.quantized and name not in exclude and name not in shallow:
             nodes.append(
                 FloatNode(
                     "not quantized",

@@ -18,6 +18,9 @@ type for weight_name". These steps help it, each exact (the float model computes
 - :func:`drop_redundant_qkv_sizes`: ``Attention``'s ``qkv_hidden_sizes`` attribute when the
   three sizes are equal (the default split): ONNX Runtime's quantizer leaves an Attention that
   has the attribute in float instead of making it a ``QAttention``;
+- :func:`split_bias_gelu` and :func:`lower_skip_layer_norm` (dynamic mode): fused float ops
+  split back into ops that ONNX Runtime runs faster next to integer MatMuls (each function
+  gives its measurements);
 - :func:`name_nodes`: a unique name for every node, since exclusions go by name;
 - :func:`quantized_ops`: the ops that show a model is quantized already (``quantize`` is then
   a no-op, so that a second run never quantizes twice).

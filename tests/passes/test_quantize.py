@@ -31,7 +31,7 @@ from onnxforge.passes.quantization.data import (
 )
 from onnxforge.passes.quantization.search import BudgetNotMet
 from onnxforge.passes.quantization.smooth import has_outliers, smooth, smoothing_groups
-from onnxforge.passes.quantize import DYNAMIC_OP_TYPES, QuantizePass
+from onnxforge.passes.quantize import DYNAMIC_OP_TYPES, MIN_REDUCTION, QuantizePass
 
 from .conftest import assert_valid, build, normal, op_counts, run, weights
 
@@ -74,17 +74,16 @@ def mlp(w2: np.ndarray | None = None, b1: np.ndarray | None = None) -> ir.Model:
     return named(build(mlp_text(w2, b1)), "up", "bias", "relu", "down")
 
 
-# A small CNN: Conv + Relu, then a classifier. The Conv's 3x3 kernel over 1x8x8 images.
+# A small CNN: Conv + Relu, then a classifier. The Conv's 3x3 kernel over 2x8x8 images (18
+# products per output: at least MIN_REDUCTION, so it is worth quantizing).
+CNN_WEIGHTS = weights(
+    k=normal(4, 2, 3, 3, seed=4),
+    kb=normal(4, seed=5),
+    fc=normal(10, 256, seed=6),
+    fcb=normal(10, seed=7),
+)
 CNN = f"""
-g (float[N,1,8,8] x) => (float[N,10] y)
-    {
-    weights(
-        k=normal(4, 1, 3, 3, seed=4),
-        kb=normal(4, seed=5),
-        fc=normal(10, 256, seed=6),
-        fcb=normal(10, seed=7),
-    )
-}
+g (float[N,2,8,8] x) => (float[N,10] y) {CNN_WEIGHTS}
 {{
     c = Conv <pads: ints = [1, 1, 1, 1]> (x, k, kb)
     r = Relu(c)
@@ -102,19 +101,20 @@ FUSED_CNN = CNN.replace(
 
 # A fused transformer block as `fuse` leaves it: contrib Attention, then a MatMul that reads its
 # output. ONNX shape inference cannot type `a`; ONNX Runtime's quantizer then fails on the MatMul.
+ATTENTION_WEIGHTS = weights(w=normal(16, 48, seed=8), b=normal(48, seed=9), wo=normal(16, 16))
 ATTENTION = f"""
-g (float[N,4,8] x) => (float[N,4,8] y)
-    {weights(w=normal(8, 24, seed=8), b=normal(24, seed=9), wo=normal(8, 8, seed=10))}
+g (float[N,4,16] x) => (float[N,4,16] y) {ATTENTION_WEIGHTS}
 {{
-    a = com.microsoft.Attention <num_heads: int = 2, qkv_hidden_sizes: ints = [8, 8, 8]> (x, w, b)
+    a = com.microsoft.Attention <num_heads: int = 2, qkv_hidden_sizes: ints = [16, 16, 16]>
+        (x, w, b)
     y = MatMul(a, wo)
 }}
 """
 
 
-def images(rows: int = ROWS, seed: int = 0) -> np.ndarray:
-    """Image-like inputs in [0, 1), as the digits sample's."""
-    return np.random.default_rng(seed).random((rows, 1, 8, 8)).astype(np.float32)
+def images(rows: int = ROWS, seed: int = 0, channels: int = 2) -> np.ndarray:
+    """Image-like inputs in [0, 1), ``channels`` of 8x8."""
+    return np.random.default_rng(seed).random((rows, channels, 8, 8)).astype(np.float32)
 
 
 def features(rows: int = ROWS, seed: int = 0) -> np.ndarray:
@@ -241,16 +241,14 @@ def test_exclude_by_op_type_leaves_nothing_to_quantize() -> None:
 
 
 # An MLP as `fuse` leaves it: Gemm + Relu as FusedGemm, then a plain Gemm.
+FUSED_GEMM_WEIGHTS = weights(
+    w1=normal(32, 16, seed=1),
+    b1=normal(32, seed=3),
+    w2=normal(8, 32, seed=2),
+    b2=normal(8, seed=4),
+)
 FUSED_GEMMS = f"""
-g (float[N,16] x) => (float[N,8] y)
-    {
-    weights(
-        w1=normal(32, 16, seed=1),
-        b1=normal(32, seed=3),
-        w2=normal(8, 32, seed=2),
-        b2=normal(8, seed=4),
-    )
-}
+g (float[N,16] x) => (float[N,8] y) {FUSED_GEMM_WEIGHTS}
 {{
     h = com.microsoft.FusedGemm <transB: int = 1, activation: string = "Relu"> (x, w1, b1)
     y = Gemm <transB: int = 1> (h, w2, b2)
@@ -389,6 +387,27 @@ def test_static_without_data_calibrates_on_random_inputs_and_warns(caplog) -> No
     assert "random" in pass_.report.data
 
 
+def test_a_conv_with_too_few_products_per_output_stays_float(tmp_path) -> None:
+    # One input channel, 3x3: 9 products per output, under MIN_REDUCTION.
+    one_channel = weights(
+        k=normal(4, 1, 3, 3, seed=4),
+        kb=normal(4, seed=5),
+        fc=normal(10, 256, seed=6),
+        fcb=normal(10, seed=7),
+    )
+    model = build(
+        CNN.replace("float[N,2,8,8] x", "float[N,1,8,8] x").replace(CNN_WEIGHTS, one_channel)
+    )
+    data = save_batches(tmp_path / "d", lambda seed: images(seed=seed, channels=1))
+    got, modified, pass_ = quantize(model, mode="static", data=data)
+    assert modified is True
+    assert weight_producer(got, "Conv") is None  # its weight stays a float initializer
+    assert weight_producer(got, "Gemm") == "DequantizeLinear"
+    (kept,) = pass_.report.float_nodes
+    assert kept.rule == "not quantized" and "9 products per output" in kept.reason
+    assert MIN_REDUCTION > 9
+
+
 def test_folding_never_removes_qdq(tmp_path) -> None:
     got, _, _ = quantize(build(CNN), mode="static", data=save_batches(tmp_path / "d", images))
     before = collections.Counter({op: n for op, n in prepare.quantized_ops(got).items()})
@@ -416,7 +435,7 @@ def test_after_fuse_contrib_attention_becomes_qattention() -> None:
     assert ops["QAttention"] == 1 and ops["Attention"] == 0  # qkv_hidden_sizes dropped
     assert ops["MatMulInteger"] == 1  # the MatMul after it: typed from ORT's schema
     assert pass_.report.quantized == {"Attention": 1, "MatMul": 1}
-    x = np.random.default_rng(0).standard_normal((3, 4, 8)).astype(np.float32)
+    x = np.random.default_rng(0).standard_normal((3, 4, 16)).astype(np.float32)
     assert rel_l2(model, got, {"x": x}) < REL_L2_BUDGET
 
 
@@ -445,6 +464,38 @@ def test_bias_gelu_after_a_quantized_matmul_is_split_for_the_bias_fusion() -> No
     )
     assert op_counts(kept)["BiasGelu"] == 1  # its MatMul stays float: nothing to gain
     assert pass_.report.unfused == []
+
+
+# A fused post-norm residual as `fuse` leaves it: SkipLayerNormalization with its bias, whose
+# fourth output (the residual sum) is read too; then a MatMul.
+SKIP_WEIGHTS = weights(
+    gamma=normal(16, seed=1),
+    beta=normal(16, seed=2),
+    bias=normal(16, seed=3),
+    w=normal(16, 8, seed=4),
+)
+SKIP_LAYER_NORM = f"""
+g (float[N,4,16] x, float[N,4,16] skip) => (float[N,4,8] y, float[N,4,16] total) {SKIP_WEIGHTS}
+{{
+    n, mean, inv, total = com.microsoft.SkipLayerNormalization <epsilon: float = 1e-5>
+        (x, skip, gamma, beta, bias)
+    y = MatMul(n, w)
+}}
+"""
+
+
+def test_skip_layer_norm_becomes_sum_and_layer_norm_in_dynamic_mode() -> None:
+    model = build(CONTRIB + SKIP_LAYER_NORM)
+    got, modified, pass_ = quantize(model)
+    assert modified is True
+    ops = op_counts(got)
+    assert ops["SkipLayerNormalization"] == 0
+    assert ops["Sum"] == 1 and ops["LayerNormalization"] == 1 and ops["MatMulInteger"] == 1
+    rng = np.random.default_rng(0)
+    inputs = {k: rng.standard_normal((3, 4, 16)).astype(np.float32) for k in ("x", "skip")}
+    ref, out = run(model, inputs), run(got, inputs)
+    np.testing.assert_allclose(out[1], ref[1], rtol=1e-6, atol=1e-6)  # the residual sum
+    assert compare_outputs(ref[:1], out[:1]).rel_l2 < REL_L2_BUDGET
 
 
 def test_contrib_outputs_get_types_from_onnxruntime_schemas() -> None:
