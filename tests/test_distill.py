@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import numpy as np
 import onnx_ir as ir
 import pytest
 import torch
 import torch.nn.functional as F
+from test_cli import cli  # the CLI run as a user runs it (tests/ is on sys.path)
 
 import onnxforge
 from onnxforge import distill as distill_module
@@ -216,19 +214,8 @@ def test_distillation_recovers_pruned_digits_cnn_to_within_one_point(teacher_mod
 # --- the command line -----------------------------------------------------------------------
 
 
-def _cli(*args, cwd):
-    return subprocess.run(
-        [sys.executable, "-m", "onnxforge", *map(str, args)],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "COLUMNS": "200"},
-    )
-
-
 def test_cli_help_states_the_library_defaults(tmp_path):
-    result = _cli("distill", "--help", cwd=tmp_path)
+    result = cli("distill", "--help", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     text = " ".join(result.stdout.split())
     for option, value in [
@@ -246,7 +233,7 @@ def test_cli_help_states_the_library_defaults(tmp_path):
 @pytest.mark.slow
 def test_cli_distills_a_pruned_onnx_model(tmp_path, pruned):
     onnxforge.save(pruned, tmp_path / "pruned.onnx")
-    result = _cli("distill", "pruned.onnx", "-o", "student.onnx", "--teacher", "digits-cnn",
+    result = cli("distill", "pruned.onnx", "-o", "student.onnx", "--teacher", "digits-cnn",
                   "--epochs", "3", "--json", "student.json", cwd=tmp_path)  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "student after (ONNX Runtime)" in result.stdout
@@ -261,7 +248,7 @@ def test_cli_distills_a_pruned_onnx_model(tmp_path, pruned):
 
 def test_cli_without_a_teacher_is_one_error_line(tmp_path, pruned):
     onnxforge.save(pruned, tmp_path / "pruned.onnx")
-    result = _cli("distill", "pruned.onnx", "-o", "student.onnx", cwd=tmp_path)
+    result = cli("distill", "pruned.onnx", "-o", "student.onnx", cwd=tmp_path)
     assert result.returncode == 2
     (line,) = [line for line in result.stderr.splitlines() if line.strip()]
     assert line.startswith("error: no teacher (hint:")
@@ -276,7 +263,7 @@ def test_cli_trains_on_given_arrays_with_an_onnx_teacher(tmp_path, teacher_model
     np.savez(tmp_path / "train.npz", x=inputs["x"][:128], labels=labels[:128])
     arguments = ["pruned.onnx", "-o", "student.onnx", "--teacher", "teacher.onnx"]
     arguments += ["--data", "train.npz", "--epochs", "2", "--json", "s.json"]
-    result = _cli("distill", *arguments, cwd=tmp_path)
+    result = cli("distill", *arguments, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "held-out accuracy not measured" in result.stdout
     figures = json.loads((tmp_path / "s.json").read_text())

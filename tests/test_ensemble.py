@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
+from test_cli import cli  # the CLI run as a user runs it (tests/ is on sys.path)
 
 import onnxforge
 from onnxforge.backend import Session, compare_outputs
@@ -279,22 +277,11 @@ def test_clashing_local_functions_are_renamed():
     np.testing.assert_array_equal(got, np.maximum(np.maximum(x, 0), -x))
 
 
-def _cli(*args, cwd):
-    return subprocess.run(
-        [sys.executable, "-m", "onnxforge", *map(str, args)],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "COLUMNS": "200"},
-    )
-
-
 def test_cli_writes_one_model_that_runs_as_the_members_combined(tmp_path):
     members = [linear_model(0), linear_model(1)]
     for name, model in zip(("a", "b"), members, strict=True):
         onnxforge.save(model, tmp_path / f"{name}.onnx")
-    result = _cli("ensemble", "a.onnx", "b.onnx", "-o", "ab.onnx", "--mode", "max", cwd=tmp_path)
+    result = cli("ensemble", "a.onnx", "b.onnx", "-o", "ab.onnx", "--mode", "max", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "wrote ab.onnx" in result.stdout
     merged = onnxforge.load(tmp_path / "ab.onnx")
@@ -307,7 +294,7 @@ def test_cli_writes_one_model_that_runs_as_the_members_combined(tmp_path):
 def test_cli_incompatible_inputs_are_one_error_line(tmp_path):
     onnxforge.save(linear_model(0), tmp_path / "a.onnx")
     onnxforge.save(linear_model(1, signature="float[N,4] features"), tmp_path / "b.onnx")
-    result = _cli("ensemble", "a.onnx", "b.onnx", "-o", "ab.onnx", cwd=tmp_path)
+    result = cli("ensemble", "a.onnx", "b.onnx", "-o", "ab.onnx", cwd=tmp_path)
     assert result.returncode == 2
     (line,) = [line for line in result.stderr.splitlines() if line.strip()]
     assert line.startswith("error: incompatible inputs: a takes (x), b takes (features)")
