@@ -11,7 +11,10 @@ Two rule sets, chosen with ``rules`` (both by default), for an execution-provide
   SkipLayerNormalization, scaled dot-product attention into MultiHeadAttention and Attention,
   and bias + GELU into BiasGelu (onnxscript's ``ort_fusions``, with guards); and, with
   ``binary_masks`` (on by default, CPU target), an additive padding mask ``(1 - m) * c`` fed to
-  Attention as the raw 0/1 mask ``m`` (its ``mask_index``).
+  Attention as the raw 0/1 mask ``m`` (its ``mask_index``). With ``skip_layer_norm=sum``
+  (the CPU target's default) each fused SkipLayerNormalization is then written as
+  ``Sum`` + ``LayerNormalization``, the same formula, which ONNX Runtime's CPU runs faster
+  (``fusion_rules.normalization.lower_skip_layer_norm`` has the figures).
 
 Each family's module in ``onnxforge.passes.fusion_rules`` states its math. Every rewrite
 computes the same formula with a different rounding or summation order, so the pass is
@@ -44,13 +47,13 @@ import copy
 import dataclasses
 import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import common as ir_common
-from onnxscript.rewriter import pattern
+from onnxscript.rewriter import _pattern_ir, pattern  # _pattern_ir: StringConstantPattern
 from onnxscript.rewriter._basics import MatchingTracer, MatchResult, MatchStatus
 
 from onnxforge.passes.base import FunctionalPass, PassResult, Semantics
@@ -93,12 +96,15 @@ DEFAULT_TARGET = "cpu"
 # Integer masks that reach Attention's additive mask as (1 - m) * c are 0/1 padding masks:
 # the convention of BERT-style attention_mask inputs, and ONNX Runtime's optimizer's assumption.
 DEFAULT_BINARY_MASKS = True
+SKIP_LAYER_NORM_FORMS = ("auto", "kernel", "sum")
 # A Concat of constants that other nodes read too is packed (copied) up to this size.
 SHARED_PACK_LIMIT_BYTES = 1 << 20
 
 # What onnxscript's matcher says when a full structural match is refused because an
 # intermediate value has another consumer or is a graph output.
 _OTHER_USES_REASON = "Matched nodes have other uses preventing replacement."
+# Spellings of the default ONNX domain, as nodes and patterns may carry them.
+_DOMAIN_ALIASES = {"ai.onnx": ""}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,12 +112,19 @@ class _Stage:
     """Rules applied together, to the whole graph, before the next stage's."""
 
     name: str
-    rules: Sequence[pattern.RewriteRule]
+    make_rules: Callable[[], Sequence[pattern.RewriteRule]]
     infer_shapes_after: bool = False  # the rewrite adds nodes that later stages read shapes of
     fuses: bool = True  # False for stages that only make room for a fusion
     # False for a stage that completes earlier rewrites (sdpa-leftovers): a rewrite limit
     # (FusePass.with_rewrite_limit) must never strand a temporary node, so it always runs
     counted: bool = True
+    # an op type without which none of the stage's rules can match: the rules are built (which
+    # can cost more than applying them) only for a graph that has one
+    needs: str | None = None
+
+    @functools.cached_property
+    def rules(self) -> Sequence[pattern.RewriteRule]:
+        return tuple(self.make_rules())
 
 
 @functools.cache
@@ -124,26 +137,31 @@ def _stages(rule_sets: tuple[str, ...], target: str, binary_masks: bool) -> tupl
     stages: list[_Stage] = []
     if "cnn" in rule_sets:
         stages += [
-            _Stage("pad-conv", pad_conv.rules(target)),
+            _Stage("pad-conv", functools.partial(pad_conv.rules, target)),
             # before the BatchNormalization fold, which also folds into Gemm
-            _Stage("matmul-add-gemm", gemm.rules(target)),
-            _Stage("batchnorm", batchnorm.rules(target)),
-            _Stage("conv-bias", conv_bias.rules(target)),
+            _Stage("matmul-add-gemm", functools.partial(gemm.rules, target)),
+            _Stage("batchnorm", functools.partial(batchnorm.rules, target)),
+            _Stage("conv-bias", functools.partial(conv_bias.rules, target)),
             # last: the fused ops are opaque to the folds above
-            _Stage("activation", activation.rules(target)),
+            _Stage("activation", functools.partial(activation.rules, target)),
         ]
     if "transformer" in rule_sets:
         stages += [
-            _Stage("layer-norm", normalization.layer_norm_rules(target)),
-            _Stage("layer-norm-bias", normalization.layer_norm_bias_rules(target)),
-            _Stage("gelu", gelu.gelu_rules(target)),
-            _Stage("skip-layer-norm", normalization.skip_layer_norm_rules(target)),
+            _Stage("layer-norm", functools.partial(normalization.layer_norm_rules, target)),
+            _Stage(
+                "layer-norm-bias", functools.partial(normalization.layer_norm_bias_rules, target)
+            ),
+            _Stage("gelu", functools.partial(gelu.gelu_rules, target, "erf"), needs="Erf"),
+            _Stage("fast-gelu", functools.partial(gelu.gelu_rules, target, "tanh"), needs="Tanh"),
+            _Stage(
+                "skip-layer-norm", functools.partial(normalization.skip_layer_norm_rules, target)
+            ),
         ]
         for name, rules in attention.attention_stages(target):
             stages.append(
                 _Stage(
                     name,
-                    rules,
+                    functools.partial(tuple, rules),
                     # SDPA's rewrite adds nodes whose shapes the MHA checks read
                     infer_shapes_after=name == "sdpa",
                     fuses=name != attention.SHAPE_READERS,
@@ -152,10 +170,11 @@ def _stages(rule_sets: tuple[str, ...], target: str, binary_masks: bool) -> tupl
             )
         if binary_masks:
             # on the Attention nodes the stages above made, reading their additive masks
-            stages.append(_Stage("attention-mask", attention_mask.rules(target)))
+            stages.append(_Stage("attention-mask", functools.partial(attention_mask.rules, target)))
         # after attention: BiasGelu must not take the Adds that the MHA bias fusion wants
-        stages.append(_Stage("bias-gelu", gelu.bias_gelu_rules(target)))
-    return tuple(stage for stage in stages if stage.rules)  # a target may have none of a family
+        stages.append(_Stage("bias-gelu", functools.partial(gelu.bias_gelu_rules, target)))
+    # a target may have none of a family (the lazily built ones do nothing when empty)
+    return tuple(stage for stage in stages if stage.needs is not None or stage.rules)
 
 
 def _infer_shapes(model: ir.Model) -> None:
@@ -172,8 +191,10 @@ def canonicalize(model: ir.Model) -> None:
     """
     eliminate_identities(model.graph)
     # our folder: onnxscript's own, with size limits checked before evaluating, the never-fold
-    # rules (random ops, Q/DQ, custom domains), and ops it would crash on left alone
-    FoldConstantsPass()(model)
+    # rules (random ops, Q/DQ, custom domains), and ops it would crash on left alone; without
+    # the folder's node-by-node shape inference (a proto round trip per node, most of its time
+    # when little is left to fold): shapes are inferred for the whole graph below
+    FoldConstantsPass(shape_inference=False)(model)
     eliminate_identities(model.graph)  # folding leaves Identity in place of no-op nodes
     ir_common.RemoveUnusedNodesPass()(model)
     _infer_shapes(model)
@@ -215,8 +236,60 @@ class _RewriteCounter:
         return counted
 
 
+def _root_operator(rule: pattern.RewriteRule) -> tuple[str, str] | None:
+    """The (domain, op_type) every match of ``rule`` is rooted at, or None if not fixed.
+
+    onnxscript's matcher starts from the pattern's output node, matched against the node it
+    is offered, so a node of any other op type fails at once; checking that first spares the
+    matcher's setup for the (node, rule) pairs that cannot match, which are most of them.
+    """
+    roots = rule._target_pattern.output_nodes  # noqa: SLF001 - no public accessor
+    if len(roots) != 1:
+        return None
+    domain, op_type = (_constant_string(roots[0].domain), _constant_string(roots[0].op))
+    if domain is None or op_type is None:
+        return None
+    return (_DOMAIN_ALIASES.get(domain, domain), op_type)
+
+
+def _constant_string(value: object) -> str | None:
+    """A pattern's domain or op as a string, if it is one fixed string.
+
+    Commuted copies of a rule carry them as StringConstantPattern, which ``op_identifier``
+    does not resolve.
+    """
+    if isinstance(value, str):
+        return value
+    if isinstance(value, _pattern_ir.StringConstantPattern):
+        return value.value()
+    return None
+
+
+def _guarded(rule: pattern.RewriteRule) -> pattern.RewriteRule:
+    """``rule``, refusing without matching any node whose op type is not its root's."""
+    root = _root_operator(rule)
+    if root is None:
+        return rule
+    guarded = copy.copy(rule)
+
+    def try_rewrite(model, graph_or_function, node, **kwargs):
+        if node.op_type != root[1] or _DOMAIN_ALIASES.get(node.domain, node.domain) != root[0]:
+            return None
+        return rule.try_rewrite(model, graph_or_function, node, **kwargs)
+
+    guarded.try_rewrite = try_rewrite  # type: ignore[method-assign]
+    return guarded
+
+
+def _op_types(model: ir.Model) -> set[str]:
+    graphs = [model.graph, *model.functions.values()]
+    return {node.op_type for g in graphs for node in ir.traversal.RecursiveGraphIterator(g)}
+
+
 def _apply_stage(model: ir.Model, stage: _Stage, counter: _RewriteCounter | None = None) -> int:
-    rules = stage.rules
+    if stage.needs is not None and stage.needs not in _op_types(model):
+        return 0
+    rules = [_guarded(rule) for rule in stage.rules]
     if counter is not None and stage.counted:
         rules = [counter.wrap(stage.name, rule) for rule in rules]
     count = pattern.RewriteRuleSet(rules).apply_to_model(model)
@@ -297,7 +370,9 @@ class FusePass(FunctionalPass):
     Attention's additive mask only through Cast, Unsqueeze/Reshape, ``(1 - m) * c`` (or
     Sub/Mul variants) is taken to be a 0/1 padding mask and fed to Attention as its mask index
     (bit for bit on 0/1 masks, different on others); ``binary_masks=false`` keeps the additive
-    mask.
+    mask; ``skip_layer_norm``: ``kernel`` writes a fused residual + LayerNormalization as ONNX
+    Runtime's SkipLayerNormalization, ``sum`` as Sum + LayerNormalization (faster on its CPU),
+    ``auto`` picks sum for the cpu target and kernel for cuda.
     """
 
     name = "fuse"
@@ -316,12 +391,22 @@ class FusePass(FunctionalPass):
         # Unsqueeze/Reshape, (1 - m) * c (or Sub/Mul variants) is taken to be a 0/1 padding
         # mask and fed to Attention as its mask index; false keeps the additive mask
         binary_masks: bool = DEFAULT_BINARY_MASKS,
+        # how a fused residual + LayerNormalization is written: "kernel", ONNX Runtime's
+        # SkipLayerNormalization; "sum", Sum + LayerNormalization (faster on ORT's CPU);
+        # "auto", sum for the cpu target and kernel for cuda
+        skip_layer_norm: Literal["auto", "kernel", "sum"] = "auto",
     ) -> None:
         if target not in TARGETS:
             raise ValueError(f"unknown target {target!r}; choices: {', '.join(TARGETS)}")
+        if skip_layer_norm not in SKIP_LAYER_NORM_FORMS:
+            raise ValueError(
+                f"unknown skip_layer_norm {skip_layer_norm!r}; "
+                f"choices: {', '.join(SKIP_LAYER_NORM_FORMS)}"
+            )
         self.rules = _validated_rules(rules)
         self.target = target
         self.binary_masks = binary_masks
+        self.skip_layer_norm = skip_layer_norm
         self._rewrite_limit: int | None = None
         self._counting = False
         self.applied_rewrites: list[Rewrite] = []
@@ -333,7 +418,12 @@ class FusePass(FunctionalPass):
         the copy's ``applied_rewrites`` lists them. ``onnxforge optimize --bisect`` uses it to
         find the first rewrite that breaks a model, as LLVM's debug counters do.
         """
-        limited = FusePass(rules=self.rules, target=self.target, binary_masks=self.binary_masks)
+        limited = FusePass(
+            rules=self.rules,
+            target=self.target,
+            binary_masks=self.binary_masks,
+            skip_layer_norm=self.skip_layer_norm,
+        )
         limited._rewrite_limit, limited._counting = limit, True
         return limited
 
@@ -353,9 +443,19 @@ class FusePass(FunctionalPass):
             self.applied_rewrites = list(counter.applied)
         if not fusions:
             return PassResult(model.clone(), False)
+        if self._skip_layer_norm_form() == "sum":
+            lowered = normalization.lower_skip_layer_norm(fused)
+            logger.info(
+                "fuse: %d SkipLayerNormalization written as Sum + LayerNormalization", len(lowered)
+            )
         pack_constant_concats(fused.graph)
         ir_common.RemoveUnusedNodesPass()(fused)
         return PassResult(fused, True)
+
+    def _skip_layer_norm_form(self) -> str:
+        if self.skip_layer_norm != "auto":
+            return self.skip_layer_norm
+        return "sum" if self.target == "cpu" else "kernel"
 
     def ensures(self, model: ir.Model) -> None:
         """No temporary fusion op (which no runtime implements) is left in the model."""
@@ -453,6 +553,8 @@ def explain(
     canonicalize(work)
     found: list[tuple[ir.Node, NearMiss]] = []
     for stage in _stages(rule_sets, target, binary_masks):
+        if stage.needs is not None and stage.needs not in _op_types(work):
+            continue
         # Traced on a copy: onnxscript builds each successful match's replacement even while
         # tracing, and the unused replacement nodes stay behind as readers of graph values.
         probe = work.clone()

@@ -98,13 +98,17 @@ class BiasGelu(BiasGeluFusion):
         return result
 
 
-def gelu_rules(target: str) -> Sequence[pattern.RewriteRule]:
-    """Erf- and tanh-form GELU fusions, every association and operand order."""
+def gelu_rules(target: str, form: str = "erf") -> Sequence[pattern.RewriteRule]:
+    """The ``erf`` or ``tanh`` form's GELU fusions, every association and operand order.
+
+    Every rule of a form needs an Erf (or Tanh) node in the graph; the operand orders make
+    over a hundred rules per form, so ``fuse`` builds a form's only when the graph has one.
+    """
     del target
+    fusion = {"erf": FuseErfGelu, "tanh": FuseTanhGelu}[form]
     found: list[pattern.RewriteRule] = []
-    for fusion in (FuseErfGelu, FuseTanhGelu):
-        for association in _ASSOCIATIONS:
-            found.extend(fusion.rule(association).commute())
+    for association in _ASSOCIATIONS:
+        found.extend(fusion.rule(association).commute())
     return found
 
 

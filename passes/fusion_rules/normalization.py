@@ -16,6 +16,8 @@ axis with ``keepdims=1``.
 bias])`` into ONNX Runtime's ``com.microsoft.SkipLayerNormalization`` (CPU and CUDA kernels),
 whose fourth output is the sum ``a + b + bias``; it only adds the check that the
 LayerNormalization has a bias (onnxscript's check reads its shape unguarded).
+:func:`lower_skip_layer_norm` writes the fused node back as ``Sum`` + ``LayerNormalization``
+(the same formula), which ONNX Runtime's CPU runs faster than its SkipLayerNormalization kernel.
 """
 
 from __future__ import annotations
@@ -29,10 +31,17 @@ from onnxscript.rewriter.ort_fusions.skip_normalization import SkipLayerNormFusi
 
 from onnxforge.passes.fusion_rules._values import constant_array, describe, known_dims
 
-__all__ = ["layer_norm_rules", "layer_norm_bias_rules", "skip_layer_norm_rules", "LAYER_NORM_OPSET"]
+__all__ = [
+    "layer_norm_rules",
+    "layer_norm_bias_rules",
+    "skip_layer_norm_rules",
+    "lower_skip_layer_norm",
+    "LAYER_NORM_OPSET",
+]
 
 # LayerNormalization joined the standard domain in opset 17.
 LAYER_NORM_OPSET = 17
+_MS = "com.microsoft"
 # ReduceMean takes its axes as an input from opset 18 on.
 AXES_AS_INPUT_OPSET = 18
 
@@ -166,3 +175,56 @@ def skip_layer_norm_rules(target: str) -> Sequence[pattern.RewriteRule]:
         SkipLayerNorm.rule("SkipLayerNormBias", has_bias=True, bias_pre_add=False),
         SkipLayerNorm.rule("SkipLayerNorm", has_bias=False),
     ]
+
+
+def lower_skip_layer_norm(model: ir.Model) -> list[str]:
+    """``SkipLayerNormalization`` -> ``Sum`` + ``LayerNormalization``, for ONNX Runtime's CPU.
+
+    Returns the names of the nodes lowered. Same formula: ``LN(input + skip + bias)``, the
+    sum being the node's optional fourth output. ONNX Runtime's CPU kernel for the fused op
+    adds and normalises each row in scalar loops: in MiniLM at batch 8, sequence 128 on 2
+    threads here its 12 nodes took 12.1 ms of a 130 ms run, against 4.9 ms for the Sum and
+    LayerNormalization that replace them (and once the MatMuls around them are integer, they
+    were 19% of the run). The sum is a ``Sum`` rather than an ``Add``
+    because ONNX Runtime's session optimiser fuses Add + LayerNormalization back into
+    SkipLayerNormalization. Nodes whose mean or inverse-deviation outputs are read, or that are
+    not float32, are left alone.
+    """
+    graph = model.graph
+    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
+    lowered: list[str] = []
+    if opset < LAYER_NORM_OPSET:
+        return lowered
+    for node in list(graph):
+        if node.domain != _MS or node.op_type != "SkipLayerNormalization":
+            continue
+        outputs = list(node.outputs)
+        if any(v.uses() or v.is_graph_output() for v in outputs[1:3]):
+            continue
+        x, skip, gamma = node.inputs[0], node.inputs[1], node.inputs[2]
+        beta = node.inputs[3] if len(node.inputs) > 3 else None
+        bias = node.inputs[4] if len(node.inputs) > 4 else None
+        if x is None or x.dtype != ir.DataType.FLOAT:
+            continue
+        epsilon = node.attributes.get_float("epsilon", 1e-12)
+        total = ir.node(
+            "Sum", [v for v in (x, skip, bias) if v is not None], name=f"{node.name}_sum"
+        )
+        total.outputs[0].name = f"{outputs[0].name}_sum"
+        total.outputs[0].type = x.type
+        total.outputs[0].shape = x.shape
+        norm = ir.node(
+            "LayerNormalization",
+            [total.outputs[0], gamma, *([beta] if beta is not None else [])],
+            attributes={"axis": -1, "epsilon": epsilon},
+            name=f"{node.name}_norm",
+        )
+        old_values, new_values = [outputs[0]], [norm.outputs[0]]
+        if len(outputs) > 3 and outputs[3] is not None:
+            old_values.append(outputs[3])
+            new_values.append(total.outputs[0])
+        ir.convenience.replace_nodes_and_values(
+            graph, node, [node], [total, norm], old_values, new_values
+        )
+        lowered.append(str(node.name))
+    return lowered

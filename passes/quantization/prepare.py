@@ -36,6 +36,8 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import common as ir_common
 
+from onnxforge.passes.fusion_rules.normalization import lower_skip_layer_norm
+
 __all__ = [
     "QUANTIZED_OPS",
     "quantized_ops",
@@ -256,58 +258,6 @@ def split_bias_gelu(model: ir.Model, quantized: frozenset[str]) -> list[str]:
         )
         split.append(str(node.name))
     return split
-
-
-def lower_skip_layer_norm(model: ir.Model) -> list[str]:
-    """``SkipLayerNormalization`` -> ``Sum`` + ``LayerNormalization``, for ONNX Runtime's CPU.
-
-    Returns the names of the nodes lowered. Same formula: ``LN(input + skip + bias)``, the
-    sum being the node's optional fourth output. ONNX Runtime's CPU kernel for the fused op
-    adds and normalises each row in scalar loops: 0.97 ms against 0.13 ms for Add +
-    LayerNormalization at 8 x 128 x 384 on 2 threads here, and once the MatMuls around it are
-    integer it was 19% of MiniLM's run time. The sum is a ``Sum`` rather than an ``Add``
-    because ONNX Runtime's session optimiser fuses Add + LayerNormalization back into
-    SkipLayerNormalization. Nodes whose mean or inverse-deviation outputs are read, or that are
-    not float32, are left alone.
-    """
-    graph = model.graph
-    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
-    lowered: list[str] = []
-    if opset < 17:  # LayerNormalization is opset 17
-        return lowered
-    for node in list(graph):
-        if node.domain != _CONTRIB_DOMAIN or node.op_type != "SkipLayerNormalization":
-            continue
-        outputs = list(node.outputs)
-        if any(v.uses() or v.is_graph_output() for v in outputs[1:3]):
-            continue
-        x, skip, gamma = node.inputs[0], node.inputs[1], node.inputs[2]
-        beta = node.inputs[3] if len(node.inputs) > 3 else None
-        bias = node.inputs[4] if len(node.inputs) > 4 else None
-        if x is None or x.dtype != ir.DataType.FLOAT:
-            continue
-        epsilon = node.attributes.get_float("epsilon", 1e-12)
-        total = ir.node(
-            "Sum", [v for v in (x, skip, bias) if v is not None], name=f"{node.name}_sum"
-        )
-        total.outputs[0].name = f"{outputs[0].name}_sum"
-        total.outputs[0].type = x.type
-        total.outputs[0].shape = x.shape
-        norm = ir.node(
-            "LayerNormalization",
-            [total.outputs[0], gamma, *([beta] if beta is not None else [])],
-            attributes={"axis": -1, "epsilon": epsilon},
-            name=f"{node.name}_norm",
-        )
-        old_values, new_values = [outputs[0]], [norm.outputs[0]]
-        if len(outputs) > 3 and outputs[3] is not None:
-            old_values.append(outputs[3])
-            new_values.append(total.outputs[0])
-        ir.convenience.replace_nodes_and_values(
-            graph, node, [node], [total, norm], old_values, new_values
-        )
-        lowered.append(str(node.name))
-    return lowered
 
 
 # -- types -----------------------------------------------------------------------------------------

@@ -118,7 +118,12 @@ def test_name_semantics_and_defaults() -> None:
     assert FusePass.name == "fuse"
     assert FusePass.semantics is Semantics.REASSOCIATING
     options = {spec.name: spec.default for spec in FusePass.options()}
-    assert options == {"rules": ("cnn", "transformer"), "target": "cpu", "binary_masks": True}
+    assert options == {
+        "rules": ("cnn", "transformer"),
+        "target": "cpu",
+        "binary_masks": True,
+        "skip_layer_norm": "auto",
+    }
     assert DEFAULT_RULES == RULE_SETS and TARGETS == ("cpu", "cuda")
 
 
@@ -754,12 +759,33 @@ def skip_ln(b_shape: str = f"N,S,{D}", outputs: str = "", body: str = "") -> str
 SKIP_INPUTS = {"a": normal(2, 5, D, seed=27), "b": normal(2, 5, D, seed=28)}
 
 
-def test_residual_add_and_layer_norm_become_skip_layer_normalization() -> None:
-    check_fuse(skip_ln(), {f"{MS}::SkipLayerNormalization": 1}, inputs=SKIP_INPUTS)
+# How each skip_layer_norm form writes a fused residual + LayerNormalization (the cpu target's
+# "auto" is "sum": ONNX Runtime's CPU runs Sum + LayerNormalization faster than the fused op).
+SKIP_LN_FORMS = {
+    "kernel": {f"{MS}::SkipLayerNormalization": 1},
+    "sum": {"Sum": 1, "LayerNormalization": 1},
+    "auto": {"Sum": 1, "LayerNormalization": 1},
+}
 
 
+@pytest.mark.parametrize("form", SKIP_LN_FORMS)
+def test_residual_add_and_layer_norm_become_skip_layer_normalization(form: str) -> None:
+    check_fuse(skip_ln(), SKIP_LN_FORMS[form], inputs=SKIP_INPUTS, skip_layer_norm=form)
+
+
+def test_the_cuda_target_keeps_the_skip_layer_normalization_kernel() -> None:
+    fused = fuse_result(build(skip_ln()), target="cuda").model
+    assert ops(fused) == collections.Counter({f"{MS}::SkipLayerNormalization": 1})
+
+
+def test_an_unknown_skip_layer_norm_form_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown skip_layer_norm 'fast'; choices: auto"):
+        FusePass(skip_layer_norm="fast")
+
+
+@pytest.mark.parametrize("form", ["kernel", "sum"])
 @pytest.mark.parametrize("where", ["graph output", "consumer"])
-def test_skip_layer_norm_hands_the_sum_to_its_other_users(where: str) -> None:
+def test_skip_layer_norm_hands_the_sum_to_its_other_users(where: str, form: str) -> None:
     # the sum is one of the pattern's outputs (SkipLayerNormalization's fourth): not blocking
     if where == "graph output":
         text = skip_ln(outputs=f", float[N,S,{D}] s")
@@ -767,12 +793,19 @@ def test_skip_layer_norm_hands_the_sum_to_its_other_users(where: str) -> None:
         text = skip_ln(outputs=f", float[N,S,{D}] z", body="z = Neg(s)")
     fused = check_fuse(
         text,
-        {f"{MS}::SkipLayerNormalization": 1, **({} if where == "graph output" else {"Neg": 1})},
+        {**SKIP_LN_FORMS[form], **({} if where == "graph output" else {"Neg": 1})},
         inputs=SKIP_INPUTS,
+        skip_layer_norm=form,
     )
-    skip = next(n for n in fused.graph if n.op_type == "SkipLayerNormalization")
-    readers = {u.node.op_type for u in skip.outputs[3].uses()}
-    assert skip.outputs[3].is_graph_output() if where == "graph output" else readers == {"Neg"}
+    op_type, index = ("SkipLayerNormalization", 3) if form == "kernel" else ("Sum", 0)
+    total = next(n for n in fused.graph if n.op_type == op_type).outputs[index]
+    readers = {u.node.op_type for u in total.uses()}
+    if where == "graph output":
+        assert total.is_graph_output() and readers == (
+            {"LayerNormalization"} if form == "sum" else set()
+        )
+    else:
+        assert readers == ({"Neg", "LayerNormalization"} if form == "sum" else {"Neg"})
 
 
 def test_skip_layer_norm_with_a_broadcast_addend_is_a_near_miss() -> None:
@@ -1263,8 +1296,12 @@ def test_digits_cnn_held_out_accuracy_is_unchanged(exported) -> None:
     assert compare_outputs([reference], [got]).top1 == 1.0
 
 
-def expected_transformer_ops(model: ir.Model) -> dict[str, int]:
-    """What the transformer rules must produce, read off the export's structure."""
+def expected_transformer_ops(model: ir.Model, skip_layer_norm: str) -> dict[str, int]:
+    """What the transformer rules must produce, read off the export's structure.
+
+    A residual Add + LayerNormalization becomes SkipLayerNormalization, or with the ``sum``
+    form (the cpu target's default) Sum + LayerNormalization.
+    """
     skip = 0
     for node in model.graph:
         if node.op_type == "LayerNormalization" and producer_type(node.inputs[0]) == "Add":
@@ -1272,35 +1309,42 @@ def expected_transformer_ops(model: ir.Model) -> dict[str, int]:
             dims = [known_dims(v) for v in (a, b)]
             skip += dims[0] is not None and dims[0] == dims[1] and len(dims[0]) == 3
     before = ops(model)
+    kernel = skip_layer_norm == "kernel"
     return {
         f"{MS}::Attention": before["Softmax"],
-        f"{MS}::SkipLayerNormalization": skip,
+        f"{MS}::SkipLayerNormalization": skip if kernel else 0,
+        "Sum": 0 if kernel else skip,
         f"{MS}::BiasGelu": sum(
             n.op_type == "Gelu" and producer_type(n.inputs[0]) == "Add" for n in model.graph
         ),
-        "LayerNormalization": before["LayerNormalization"] - skip,
+        "LayerNormalization": before["LayerNormalization"] - (skip if kernel else 0),
         "Softmax": 0,
         "Gelu": 0,
     }
 
 
-def check_transformer_sample(model: ir.Model, feeds: dict[str, np.ndarray]) -> ir.Model:
-    result = FusePass()(model)
+def check_transformer_sample(
+    model: ir.Model, feeds: dict[str, np.ndarray], skip_layer_norm: str = "sum"
+) -> ir.Model:
+    fuse = FusePass(skip_layer_norm=skip_layer_norm)
+    result = fuse(model)
     assert result.modified is True
     fused = result.model
     after = ops(fused)
-    for op, count in expected_transformer_ops(model).items():
+    for op, count in expected_transformer_ops(model, skip_layer_norm).items():
         assert after[op] == count, (op, after)
-    assert after[f"{MS}::Attention"] > 0 and after[f"{MS}::SkipLayerNormalization"] > 0
+    residuals = f"{MS}::SkipLayerNormalization" if skip_layer_norm == "kernel" else "Sum"
+    assert after[f"{MS}::Attention"] > 0 and after[residuals] > 0
     assert sum(after.values()) < sum(ops(model).values()) / 2
     comparison = compare_outputs(run(model, feeds), run(fused, feeds))
     assert comparison.rel_l2 <= TOLERANCE, comparison
-    assert FusePass()(fused).modified is False
+    assert fuse(fused).modified is False
     return fused
 
 
-def test_transformer_sample(exported) -> None:
-    check_transformer_sample(exported("transformer"), sample_inputs("transformer"))
+@pytest.mark.parametrize("skip_layer_norm", ["sum", "kernel"])
+def test_transformer_sample(exported, skip_layer_norm: str) -> None:
+    check_transformer_sample(exported("transformer"), sample_inputs("transformer"), skip_layer_norm)
 
 
 @pytest.mark.slow
