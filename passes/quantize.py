@@ -17,7 +17,9 @@ onnxforge's own steps, each in :mod:`onnxforge.passes.quantization`:
   the mode quantizes them, a redundant ``qkv_hidden_sizes`` dropped so that ``Attention``
   becomes ``QAttention``, unique node names; in dynamic mode, ``BiasGelu`` after a quantized
   MatMul and ``SkipLayerNormalization`` split back into ops that ONNX Runtime's CPU kernels
-  run faster around integer MatMuls. So the pass works after ``fuse`` as well as before;
+  run faster around integer MatMuls; in static mode, a CNN head flattened channels-last with
+  its weight permuted (ONNX Runtime's integer convolutions run channels-last). So the pass
+  works after ``fuse`` as well as before;
 - *SmoothQuant* (``smooth=alpha``, needs data): per-channel activation outliers moved into the
   weights, which per-tensor activation quantization needs on transformers;
 - *calibration* (static mode) once, streamed in chunks, from ``data``: ``sample:NAME`` (a
@@ -418,6 +420,8 @@ class QuantizePass(FunctionalPass):
         report.unfused = prepare.unfuse_activations(working, settings.quantizable)
         prepare.drop_redundant_qkv_sizes(working)
         report.typed_values = prepare.annotate_types(working)
+        if settings.mode == "static" and "Conv" in settings.quantizable:  # reads the shapes
+            report.channels_last = prepare.flatten_channels_last(working)
         return working
 
     def _source(

@@ -49,6 +49,7 @@ class QuantizeReport:
     sensitivity: dict[str, float] = dataclasses.field(default_factory=dict)
     smoothed: list[str] = dataclasses.field(default_factory=list)
     unfused: list[str] = dataclasses.field(default_factory=list)
+    channels_last: list[str] = dataclasses.field(default_factory=list)
     typed_values: int = 0
     calibration_batches: int = 0
     trials: int = 0
@@ -69,6 +70,11 @@ class QuantizeReport:
             lines.append(f"quantize: SmoothQuant on {len(self.smoothed)} activations")
         if self.unfused:
             lines.append(f"quantize: split {len(self.unfused)} fused nodes back into their parts")
+        if self.channels_last:
+            lines.append(
+                f"quantize: {len(self.channels_last)} CNN heads flatten channels-last "
+                f"({', '.join(self.channels_last)})"
+            )
         if self.loss is not None:
             budget = f" (budget {self.budget:g})" if self.budget is not None else ""
             lines.append(

@@ -498,6 +498,90 @@ def test_skip_layer_norm_becomes_sum_and_layer_norm_in_dynamic_mode() -> None:
     assert compare_outputs(ref[:1], out[:1]).rel_l2 < REL_L2_BUDGET
 
 
+# A CNN head: conv features N x 4 x 3 x 3 flattened into a classifier, by Flatten into a Gemm
+# (weight K x CHW) or by Reshape into a MatMul (weight CHW x K).
+CNN_HEAD_WEIGHTS = weights(
+    w=normal(4, 2, 3, 3, seed=1), g=normal(5, 36, seed=2), m=normal(36, 5, seed=3)
+)
+CNN_HEAD = {
+    "Gemm": f"""
+    g (float[N,2,3,3] x) => (float[N,5] y) {CNN_HEAD_WEIGHTS}
+    {{
+        c = Conv <pads = [1, 1, 1, 1]> (x, w)
+        f = Flatten <axis = 1> (c)
+        y = Gemm <transB = 1> (f, g)
+    }}
+    """,
+    "MatMul": f"""
+    g (float[N,2,3,3] x) => (float[N,5] y) {CNN_HEAD_WEIGHTS}
+    {{
+        c = Conv <pads = [1, 1, 1, 1]> (x, w)
+        shape = Constant <value_ints = [-1, 36]> ()
+        f = Reshape (c, shape)
+        y = MatMul (f, m)
+    }}
+    """,
+}
+
+
+@pytest.mark.parametrize("reader", CNN_HEAD)
+def test_a_cnn_head_flattens_channels_last_with_its_weight_permuted(reader: str) -> None:
+    model = build(CNN_HEAD[reader])
+    prepare.name_nodes(model)
+    prepare.annotate_types(model)  # the rewrite reads the feature map's C, H, W
+    inputs = {"x": normal(3, 2, 3, 3, seed=9)}
+    (reference,) = run(model, inputs)
+    classifier = next(n for n in model.graph if n.op_type == reader)
+    assert prepare.flatten_channels_last(model) == [classifier.name]
+    transpose = next(n for n in model.graph if n.op_type == "Transpose")
+    assert list(transpose.attributes.get_ints("perm")) == [0, 2, 3, 1]
+    (got,) = run(model, inputs)
+    np.testing.assert_allclose(got, reference, rtol=1e-5, atol=1e-5)  # the same sums
+    assert prepare.flatten_channels_last(model) == []  # the flatten now reads N x H x W x C
+
+
+# The same head on 1 x 1 features: flattening channels-last or channels-first is the same.
+ONE_BY_ONE_WEIGHTS = weights(w=normal(4, 2, 3, 3, seed=1), g=normal(5, 4, seed=2))
+ONE_BY_ONE_HEAD = f"""
+g (float[N,2,3,3] x) => (float[N,5] y) {ONE_BY_ONE_WEIGHTS}
+{{
+    c = Conv (x, w)
+    f = Flatten <axis = 1> (c)
+    y = Gemm <transB = 1> (f, g)
+}}
+"""
+
+
+@pytest.mark.parametrize("change", ["1 x 1 features", "flatten read twice", "weight an input"])
+def test_a_cnn_head_is_left_alone_unless_the_rewrite_is_sound_and_useful(change: str) -> None:
+    if change == "1 x 1 features":
+        model = build(ONE_BY_ONE_HEAD)
+    elif change == "flatten read twice":  # the flattened order is observable: a graph output
+        model = build(
+            CNN_HEAD["Gemm"].replace("=> (float[N,5] y)", "=> (float[N,5] y, float[N,36] f)")
+        )
+    else:  # a weight that can be overridden at run time cannot be permuted ahead of time
+        model = build(CNN_HEAD["Gemm"])
+        model.graph.inputs.append(model.graph.initializers["g"])
+    prepare.annotate_types(model)
+    before = [n.op_type for n in model.graph]
+    assert prepare.flatten_channels_last(model) == []
+    assert [n.op_type for n in model.graph] == before
+
+
+@pytest.mark.slow
+def test_static_digits_cnn_flattens_channels_last() -> None:
+    model = onnxforge.export("digits-cnn")
+    pass_ = QuantizePass(mode="static", data="sample:digits-cnn")
+    got = pass_(model).model
+    assert len(pass_.report.channels_last) == 1
+    feeds, labels = onnxforge.samples.get_sample("digits-cnn").evaluation_data()
+    (reference,) = run(model, feeds)
+    (out,) = run(got, feeds)
+    drop = np.mean(reference.argmax(1) == labels) - np.mean(out.argmax(1) == labels)
+    assert drop <= ACCURACY_DROP
+
+
 def test_contrib_outputs_get_types_from_onnxruntime_schemas() -> None:
     model = build(CONTRIB + ATTENTION)
     attention = next(n for n in model.graph if n.op_type == "Attention")
