@@ -187,7 +187,8 @@ def canonicalize(model: ir.Model) -> None:
 
     Identity nodes out (they sit between the ops of a pattern), constant sub-expressions folded
     (a Conv bias computed at run time from a constant blocks the BatchNormalization fold), dead
-    nodes out (they count as consumers), shapes inferred (checks read them).
+    nodes out (they count as consumers), shapes inferred (checks read them) unless every value
+    has one already (as after ``fold-constants``, which infers them node by node).
     """
     eliminate_identities(model.graph)
     # our folder: onnxscript's own, with size limits checked before evaluating, the never-fold
@@ -197,7 +198,17 @@ def canonicalize(model: ir.Model) -> None:
     FoldConstantsPass(shape_inference=False)(model)
     eliminate_identities(model.graph)  # folding leaves Identity in place of no-op nodes
     ir_common.RemoveUnusedNodesPass()(model)
-    _infer_shapes(model)
+    if _untyped_values(model):  # after fold-constants every value has its type and shape
+        _infer_shapes(model)
+
+
+def _untyped_values(model: ir.Model) -> bool:
+    """Whether any node output (If/Loop/Scan bodies included) lacks a type or a shape."""
+    return any(
+        value.type is None or value.shape is None
+        for node in ir.traversal.RecursiveGraphIterator(model.graph)
+        for value in node.outputs
+    )
 
 
 @dataclasses.dataclass(frozen=True)
