@@ -70,7 +70,11 @@ from onnxforge.passes.fusion_rules import (
     normalization,
     pad_conv,
 )
-from onnxforge.passes.fusion_rules._values import constant_array, unique_initializer_name
+from onnxforge.passes.fusion_rules._values import (
+    ONNX_DOMAINS,
+    constant_array,
+    unique_initializer_name,
+)
 from onnxforge.passes.registry import register
 
 __all__ = [
@@ -103,8 +107,6 @@ SHARED_PACK_LIMIT_BYTES = 1 << 20
 # What onnxscript's matcher says when a full structural match is refused because an
 # intermediate value has another consumer or is a graph output.
 _OTHER_USES_REASON = "Matched nodes have other uses preventing replacement."
-# Spellings of the default ONNX domain, as nodes and patterns may carry them.
-_DOMAIN_ALIASES = {"ai.onnx": ""}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,7 +126,12 @@ class _Stage:
 
     @functools.cached_property
     def rules(self) -> Sequence[pattern.RewriteRule]:
-        return tuple(self.make_rules())
+        """The stage's rules, each guarded by its root op type (built once per stage)."""
+        return tuple(_guarded(rule) for rule in self.make_rules())
+
+    def applies_to(self, model: ir.Model) -> bool:
+        """False when the model lacks the op type every rule of the stage needs."""
+        return self.needs is None or self.needs in _op_types(model)
 
 
 @functools.cache
@@ -260,7 +267,11 @@ def _root_operator(rule: pattern.RewriteRule) -> tuple[str, str] | None:
     domain, op_type = (_constant_string(roots[0].domain), _constant_string(roots[0].op))
     if domain is None or op_type is None:
         return None
-    return (_DOMAIN_ALIASES.get(domain, domain), op_type)
+    return (_canonical_domain(domain), op_type)
+
+
+def _canonical_domain(domain: str) -> str:
+    return "" if domain in ONNX_DOMAINS else domain
 
 
 def _constant_string(value: object) -> str | None:
@@ -284,7 +295,7 @@ def _guarded(rule: pattern.RewriteRule) -> pattern.RewriteRule:
     guarded = copy.copy(rule)
 
     def try_rewrite(model, graph_or_function, node, **kwargs):
-        if node.op_type != root[1] or _DOMAIN_ALIASES.get(node.domain, node.domain) != root[0]:
+        if node.op_type != root[1] or _canonical_domain(node.domain) != root[0]:
             return None
         return rule.try_rewrite(model, graph_or_function, node, **kwargs)
 
@@ -298,9 +309,9 @@ def _op_types(model: ir.Model) -> set[str]:
 
 
 def _apply_stage(model: ir.Model, stage: _Stage, counter: _RewriteCounter | None = None) -> int:
-    if stage.needs is not None and stage.needs not in _op_types(model):
+    if not stage.applies_to(model):
         return 0
-    rules = [_guarded(rule) for rule in stage.rules]
+    rules = stage.rules
     if counter is not None and stage.counted:
         rules = [counter.wrap(stage.name, rule) for rule in rules]
     count = pattern.RewriteRuleSet(rules).apply_to_model(model)
@@ -325,7 +336,7 @@ def pack_constant_concats(graph: ir.Graph) -> int:
     """
     count = 0
     for node in list(graph):
-        if node.op_type != "Concat" or node.domain not in ("", "ai.onnx"):
+        if node.op_type != "Concat" or node.domain not in ONNX_DOMAINS:
             continue
         parts = [constant_array(v) for v in node.inputs]
         if not parts or any(p is None for p in parts):
@@ -564,7 +575,7 @@ def explain(
     canonicalize(work)
     found: list[tuple[ir.Node, NearMiss]] = []
     for stage in _stages(rule_sets, target, binary_masks):
-        if stage.needs is not None and stage.needs not in _op_types(work):
+        if not stage.applies_to(work):
             continue
         # Traced on a copy: onnxscript builds each successful match's replacement even while
         # tracing, and the unused replacement nodes stay behind as readers of graph values.

@@ -37,7 +37,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import onnx_ir as ir
 
-from onnxforge.passes.fusion_rules._values import describe, known_dims
+from onnxforge.passes.fusion_rules._values import ONNX_DOMAINS, describe, known_dims
 
 __all__ = [
     "ElementAnalysis",
@@ -52,7 +52,6 @@ __all__ = [
     "Expr",
 ]
 
-_ONNX_DOMAINS = ("", "ai.onnx")
 _INTEGER_TYPES = frozenset(
     {
         ir.DataType.INT8,
@@ -376,7 +375,7 @@ class ElementAnalysis:
         node = value.producer()
         if node is None:
             raise Unproven(f"{describe(value)} comes from an outer scope")
-        if node.domain not in _ONNX_DOMAINS or len(node.outputs) != 1:
+        if node.domain not in ONNX_DOMAINS or len(node.outputs) != 1:
             raise Unproven(f"{describe(value)} is computed by {node.op_type} '{node.name}'")
         if node.op_type in _ELEMENTWISE or node.op_type == "Cast":
             return _elementwise(node, [self.evaluate(i) for i in node.inputs])

@@ -6,6 +6,7 @@ import numpy as np
 import onnx_ir as ir
 
 __all__ = [
+    "ONNX_DOMAINS",
     "FLOAT_TYPES",
     "constant_array",
     "known_dims",
@@ -14,6 +15,8 @@ __all__ = [
     "unique_initializer_name",
 ]
 
+# The spellings of the default ONNX domain that nodes carry.
+ONNX_DOMAINS = ("", "ai.onnx")
 # The float types that the fused ops take.
 FLOAT_TYPES = frozenset(
     {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}

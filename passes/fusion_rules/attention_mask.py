@@ -46,7 +46,7 @@ import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
 from onnxforge.passes.fusion_rules._elements import ElementAnalysis, MaskOf, Unproven
-from onnxforge.passes.fusion_rules._values import describe, known_dims
+from onnxforge.passes.fusion_rules._values import ONNX_DOMAINS, describe, known_dims
 
 __all__ = ["rules", "PaddingMask", "trace_padding_mask", "MAX_MASK_FILTER_VALUE"]
 
@@ -56,7 +56,6 @@ __all__ = ["rules", "PaddingMask", "trace_padding_mask", "MAX_MASK_FILTER_VALUE"
 MAX_MASK_FILTER_VALUE = -1e3
 
 _MS = "com.microsoft"
-_ONNX_DOMAINS = ("", "ai.onnx")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,7 +197,7 @@ class BinaryMaskIndex(pattern.RewriteRuleClassBase):
                 break
             if (
                 node.op_type == "Cast"
-                and node.domain in _ONNX_DOMAINS
+                and node.domain in ONNX_DOMAINS
                 and node.inputs[0] is source
                 and node.attributes.get_int("to", 0) == ir.DataType.INT32
             ):

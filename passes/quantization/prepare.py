@@ -42,7 +42,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import common as ir_common
 
-from onnxforge.passes.fusion_rules._values import unique_initializer_name
+from onnxforge.passes.fusion_rules._values import ONNX_DOMAINS, unique_initializer_name
 from onnxforge.passes.fusion_rules.normalization import lower_skip_layer_norm
 
 __all__ = [
@@ -89,7 +89,6 @@ QUANTIZED_OPS = frozenset(
 )
 
 _CONTRIB_DOMAIN = "com.microsoft"
-_ONNX_DOMAINS = ("", "ai.onnx")
 # Rounds of "type contrib outputs, then infer downstream": each round reaches one more layer of
 # contrib ops fed only by contrib ops; real graphs need two or three.
 _MAX_TYPING_ROUNDS = 8
@@ -143,7 +142,7 @@ def _flattened_weight_reader(value: ir.Value, flat: int) -> tuple[ir.Node, ir.Va
     if len(uses) != 1 or value.is_graph_output() or uses[0].idx != 0:
         return None
     reader = uses[0].node
-    if reader.domain not in _ONNX_DOMAINS or reader.op_type not in ("Gemm", "MatMul"):
+    if reader.domain not in ONNX_DOMAINS or reader.op_type not in ("Gemm", "MatMul"):
         return None
     if len(reader.inputs) < 2 or reader.inputs[1] is None:
         return None
@@ -181,7 +180,7 @@ def flatten_channels_last(model: ir.Model) -> list[str]:
     graph = model.graph
     rewritten: list[str] = []
     for node in list(graph):
-        if node.domain not in _ONNX_DOMAINS or node.op_type not in ("Flatten", "Reshape"):
+        if node.domain not in ONNX_DOMAINS or node.op_type not in ("Flatten", "Reshape"):
             continue
         if node.op_type == "Flatten" and node.attributes.get_int("axis", 1) != 1:
             continue
@@ -442,7 +441,7 @@ def _type_contrib_outputs(model: ir.Model) -> int:
     schemas = _ort_schemas()
     typed = 0
     for node in model.graph:
-        if node.domain in _ONNX_DOMAINS:
+        if node.domain in ONNX_DOMAINS:
             continue
         schema = schemas.get((node.domain, node.op_type))
         if schema is None:
