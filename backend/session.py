@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import pathlib
 import tempfile
@@ -9,12 +11,21 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
 from onnxforge.errors import InputError, first_line
+from onnxforge.passes.base import CUDA_PROVIDER_OPTIONS_KEY
 
-__all__ = ["Session", "BoundRun", "EP_PROVIDERS", "GRAPH_OPTIMIZATION_LEVELS", "available_eps"]
+__all__ = [
+    "Session",
+    "BoundRun",
+    "EP_PROVIDERS",
+    "GRAPH_OPTIMIZATION_LEVELS",
+    "available_eps",
+    "model_cuda_options",
+]
 
 EP_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 GRAPH_OPTIMIZATION_LEVELS = {
@@ -47,6 +58,28 @@ def _resolve_providers(ep: str) -> list[str]:
     return providers if ep == "cpu" else [*providers, EP_PROVIDERS["cpu"]]
 
 
+def model_cuda_options(model_or_path: ir.Model | str | os.PathLike[str]) -> dict[str, str]:
+    """The CUDA provider options a pass recorded in the model's metadata (empty when none).
+
+    ``fp16{target=cuda}`` records them for float16 convolutions; a file is read without its
+    external weights. An unreadable file or malformed entry gives no options (ONNX Runtime then
+    reports what is wrong with the file).
+    """
+    try:
+        if isinstance(model_or_path, ir.Model):
+            text = model_or_path.metadata_props.get(CUDA_PROVIDER_OPTIONS_KEY)
+        else:
+            proto = onnx.load(os.fspath(model_or_path), load_external_data=False)
+            text = {p.key: p.value for p in proto.metadata_props}.get(CUDA_PROVIDER_OPTIONS_KEY)
+        options = json.loads(text) if text else {}
+    except Exception as error:  # unreadable: the session's own load says why
+        logging.getLogger(__name__).debug("no CUDA options from the model: %s", error)
+        return {}
+    if not isinstance(options, dict):
+        return {}
+    return {str(key): str(value) for key, value in options.items()}
+
+
 def _has_external_tensors(model: ir.Model) -> bool:
     return any(
         isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values()
@@ -54,7 +87,12 @@ def _has_external_tensors(model: ir.Model) -> bool:
 
 
 class Session:
-    """An ONNX Runtime inference session over an ``onnx_ir.Model`` or a model file."""
+    """An ONNX Runtime inference session over an ``onnx_ir.Model`` or a model file.
+
+    On CUDA, the provider options a pass recorded in the model (:func:`model_cuda_options`)
+    apply first and ``provider_options`` override them; ``provider_options`` attribute: what
+    the provider was given.
+    """
 
     def __init__(
         self,
@@ -78,7 +116,9 @@ class Session:
         options.log_severity_level = 3  # errors only: warnings go through our own reporting
         providers = _resolve_providers(ep)
         self.ep = "cuda" if providers[0] == EP_PROVIDERS["cuda"] else "cpu"
-        first_options = dict(provider_options or {})
+        # the model's recorded CUDA options first, the caller's on top of them
+        first_options = model_cuda_options(model_or_path) if self.ep == "cuda" else {}
+        first_options.update(provider_options or {})
         if cuda_graph:
             if self.ep != "cuda":
                 raise InputError(
@@ -88,6 +128,7 @@ class Session:
             # Replays the captured kernels; needs static shapes and inputs bound with bind().
             first_options["enable_cuda_graph"] = "1"
         self.cuda_graph = cuda_graph
+        self.provider_options = first_options  # what the first provider was given
         provider_opts = [first_options] + [{}] * (len(providers) - 1)
         try:
             if isinstance(model_or_path, ir.Model):

@@ -6,9 +6,11 @@ One command does everything on the GPU machine. Two parts, both run by default:
 ``transformers`` configs, sequence 128) and ResNet-50 (224x224), batch 32, it exports each model
 with onnxforge's frontend (static shapes), runs the ``cuda`` preset
 (``fold-constants,cleanup,fuse{target=cuda},fp16{target=cuda}``) and times the result on ONNX
-Runtime's CUDA provider with IO binding and a captured CUDA graph, next to PyTorch eager fp16,
-``torch.compile`` (default and ``max-autotune``) and ONNX Runtime's transformers optimizer with
-fp16 (ResNet-50: ONNX Runtime's fp16 converter alone) on the same export and backend. Every
+Runtime's CUDA provider with IO binding and a captured CUDA graph (and with the provider
+options that ``fp16`` records for float16 convolutions, plus a ResNet-50 row without them),
+next to PyTorch eager fp16, ``torch.compile`` (default and ``max-autotune``) and ONNX
+Runtime's transformers optimizer with fp16 (ResNet-50: ONNX Runtime's fp16 converter alone) on
+the same export and backend. Every
 timing is a median of CUDA-synchronised runs after warm-up; the error of each fp16 result is
 its relative L2 distance to PyTorch float32 (TF32 off). BERT-base's FLOPs give the fraction of
 the GPU's dense fp16 peak each row reaches.
@@ -52,6 +54,7 @@ from torch import nn
 import onnxforge
 from onnxforge.backend import Session, benchmark, compare_outputs, load_test
 from onnxforge.backend.benchmark import time_runs
+from onnxforge.passes.fp16 import CUDA_CONV_PROVIDER_OPTIONS
 from onnxforge.presets import CUDA_PIPELINE
 from onnxforge.samples import get_sample
 
@@ -334,8 +337,8 @@ def pipeline_part(
                 "onnxforge cuda preset", ours, feed, reference, runs, optimize_s
             )
             variants = list(provider_variants)
-            if not work.transformer:  # cuDNN's NHWC kernels suit float16 convolutions
-                variants.insert(0, {"prefer_nhwc": "1"})
+            if not work.transformer:  # what fp16's recorded conv options gain: a row without
+                variants.insert(0, {key: "0" for key in CUDA_CONV_PROVIDER_OPTIONS})
             for options in variants:
                 label = ", ".join(f"{k}={v}" for k, v in options.items())
                 model_rows += _onnx_rows(

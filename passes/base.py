@@ -38,7 +38,13 @@ __all__ = [
     "Pass",
     "FunctionalPass",
     "PassResult",
+    "CUDA_PROVIDER_OPTIONS_KEY",
 ]
+
+# Model metadata a pass may leave for the backend: a JSON object of CUDA execution provider
+# options its output runs best with (``fp16{target=cuda}`` on convolutions). The backend's
+# Session applies them on CUDA; options the caller passes win. Passes never import the backend.
+CUDA_PROVIDER_OPTIONS_KEY = "onnxforge.cuda_provider_options"
 
 
 class Semantics(str, enum.Enum):

@@ -36,6 +36,14 @@ How each float32 value is placed, node by node in topological order:
 - one Cast per value and precision is inserted where a producer and a consumer differ, so
   that no float32 -> float16 -> float32 Cast pair is ever created.
 
+On ``target=cuda``, a model left with float16 convolutions records the CUDA provider options they
+run best with in ``metadata_props["onnxforge.cuda_provider_options"]``, which the backend's
+Session applies on CUDA (options the caller passes win): ``prefer_nhwc=1`` (cuDNN's channels-last
+float16 kernels) and ``fuse_conv_bias=1`` (the bias add inside the cuDNN convolution instead of
+one more kernel per Conv; ONNX Runtime fuses it only in NHWC: in NCHW its cuDNN graph for a
+3-channel first layer finds no engine). ResNet-50, batch 32, H200: 3.65 ms plain, 2.92 ms with
+``prefer_nhwc``, 2.13 ms with both.
+
 ``keep_io_types`` keeps the float32 graph inputs and outputs float32, with Casts at the
 boundary; without it they become float16.
 
@@ -96,6 +104,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import json
 import logging
 import os
 import zipfile
@@ -108,7 +117,7 @@ import onnx_ir as ir
 from onnx_ir.passes import common as ir_common
 
 from onnxforge.errors import InputError
-from onnxforge.passes.base import Pass, PassResult, Semantics
+from onnxforge.passes.base import CUDA_PROVIDER_OPTIONS_KEY, Pass, PassResult, Semantics
 from onnxforge.passes.cleanup import NON_DETERMINISTIC_OPS
 from onnxforge.passes.registry import register
 from onnxforge.passes.statistics import has_subgraphs
@@ -121,6 +130,7 @@ __all__ = [
     "unfuse_conv_activations",
     "TARGETS",
     "DEFAULT_TARGET",
+    "CUDA_CONV_PROVIDER_OPTIONS",
 ]
 
 logger = logging.getLogger(__name__)
@@ -183,6 +193,8 @@ _VARIADIC = onnx.defs.OpSchema.FormalParameterOption.Variadic
 _CONTRIB_DOMAIN = "com.microsoft"
 TARGETS = ("cpu", "cuda")
 DEFAULT_TARGET = "cpu"
+# CUDA provider options for float16 convolutions (module docstring: why, and what they gain).
+CUDA_CONV_PROVIDER_OPTIONS = {"prefer_nhwc": "1", "fuse_conv_bias": "1"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -836,4 +848,20 @@ class Float16Pass(Pass):
             max_finite=self.max_finite,
             ranges=ranges,
         )
-        return PassResult(model, converter.run() + split > 0)
+        changed = converter.run() + split > 0
+        if self.target == "cuda" and _has_float16_conv(model.graph):
+            options = json.dumps(CUDA_CONV_PROVIDER_OPTIONS, sort_keys=True)
+            changed |= model.metadata_props.get(CUDA_PROVIDER_OPTIONS_KEY) != options
+            model.metadata_props[CUDA_PROVIDER_OPTIONS_KEY] = options
+        return PassResult(model, changed)
+
+
+def _has_float16_conv(graph: ir.Graph) -> bool:
+    return any(
+        node.op_type == "Conv"
+        and node.domain in ("", "ai.onnx")
+        and len(node.inputs) > 1
+        and node.inputs[1] is not None
+        and node.inputs[1].dtype == ir.DataType.FLOAT16
+        for node in graph
+    )

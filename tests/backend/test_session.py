@@ -8,7 +8,9 @@ import pytest
 
 import onnxforge
 from onnxforge.backend import Session, available_eps
+from onnxforge.backend.session import model_cuda_options
 from onnxforge.errors import InputError
+from onnxforge.passes.base import CUDA_PROVIDER_OPTIONS_KEY
 
 CUDA_PROVIDER = "CUDAExecutionProvider"
 
@@ -117,3 +119,51 @@ def test_an_initializer_that_is_also_an_input_can_be_overridden():
     np.testing.assert_array_equal(session.run({"x": x})[0], x * np.array([1.0, 2.0], np.float32))
     w = np.array([-1.0, 0.5], dtype=np.float32)
     np.testing.assert_array_equal(session.run({"x": x, "w": w})[0], x * w)
+
+
+def _with_cuda_options(model, text: str):
+    model.metadata_props[CUDA_PROVIDER_OPTIONS_KEY] = text
+    return model
+
+
+def test_model_cuda_options_from_a_model_and_a_file(make_tiny_model, tmp_path):
+    model = _with_cuda_options(make_tiny_model(), '{"prefer_nhwc": "1", "fuse_conv_bias": 1}')
+    expected = {"prefer_nhwc": "1", "fuse_conv_bias": "1"}
+    assert model_cuda_options(model) == expected
+    path = onnxforge.save(model, tmp_path / "hinted.onnx", external_data=True)
+    assert model_cuda_options(path) == expected
+    assert model_cuda_options(make_tiny_model()) == {}
+
+
+@pytest.mark.parametrize("text", ["not json", '["prefer_nhwc"]'])
+def test_malformed_cuda_options_are_ignored(make_tiny_model, tmp_path, text):
+    assert model_cuda_options(_with_cuda_options(make_tiny_model(), text)) == {}
+    assert model_cuda_options(tmp_path / "missing.onnx") == {}
+
+
+def test_recorded_cuda_options_apply_on_cuda_only_and_the_callers_win(make_tiny_model, ep, x):
+    model = _with_cuda_options(make_tiny_model(), '{"prefer_nhwc": "1", "fuse_conv_bias": "1"}')
+    session = Session(model, ep=ep, provider_options={"fuse_conv_bias": "0"})
+    if ep == "cpu":
+        assert session.provider_options == {"fuse_conv_bias": "0"}
+    else:
+        assert session.provider_options == {"prefer_nhwc": "1", "fuse_conv_bias": "0"}
+        options = session._session.get_provider_options()[CUDA_PROVIDER]
+        assert (options["prefer_nhwc"], options["fuse_conv_bias"]) == ("1", "0")
+    assert session.run({"x": x})[0].shape == x.shape
+
+
+def test_cuda_preset_cnn_runs_with_its_recorded_options(ep):
+    if ep != "cuda":
+        pytest.skip("the recorded options are for the CUDA provider (run with --ep cuda)")
+    from onnxforge.presets import CUDA_PIPELINE
+
+    exported = onnxforge.export("digits-cnn")
+    model = onnxforge.optimize(exported, CUDA_PIPELINE).model
+    images = np.random.default_rng(0).random((32, 1, 8, 8), dtype=np.float32)
+    name = Session(exported).input_names[0]
+    session = Session(model, ep="cuda")
+    assert session.provider_options == {"prefer_nhwc": "1", "fuse_conv_bias": "1"}
+    (want,) = Session(exported).run({name: images})
+    (got,) = session.run({name: images})
+    assert onnxforge.backend.compare_outputs([want], [got]).rel_l2 < 1e-2

@@ -11,6 +11,7 @@ where every op rounds its result to its declared type.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 
 import numpy as np
@@ -23,7 +24,9 @@ import onnxforge
 from onnxforge.backend import compare_outputs, make_inputs
 from onnxforge.errors import InputError
 from onnxforge.passes import Semantics, get_pass
+from onnxforge.passes.base import CUDA_PROVIDER_OPTIONS_KEY
 from onnxforge.passes.fp16 import (
+    CUDA_CONV_PROVIDER_OPTIONS,
     DEFAULT_MAX_FINITE,
     DEFAULT_OP_BLOCK_LIST,
     Float16Pass,
@@ -586,6 +589,30 @@ def test_cpu_target_keeps_fused_conv_float32() -> None:
     assert op_counts(model) == {"FusedConv": 1}
 
 
+def test_cuda_target_records_provider_options_for_float16_convolutions() -> None:
+    model = _fused_conv()
+    assert fp16(model, target="cuda") is True
+    recorded = json.loads(model.metadata_props[CUDA_PROVIDER_OPTIONS_KEY])
+    assert recorded == CUDA_CONV_PROVIDER_OPTIONS == {"prefer_nhwc": "1", "fuse_conv_bias": "1"}
+    assert fp16(model, target="cuda") is False  # already float16, options already recorded
+
+
+def test_provider_options_only_for_float16_convolutions_on_cuda() -> None:
+    model = _fused_conv()
+    fp16(model, target="cuda", op_block_list=("Conv",))  # the Conv stays float32
+    assert CUDA_PROVIDER_OPTIONS_KEY not in model.metadata_props
+    on_cpu = build(
+        f"""
+        <ir_version: 10, opset_import: ["" : 20]>
+        g (float[N,2,5,5] x) => (float[N,3,5,5] y) {weights(w=normal(3, 2, 3, 3))} {{
+            y = Conv<pads: ints = [1, 1, 1, 1]>(x, w)
+        }}
+        """
+    )
+    assert fp16(on_cpu) is True and node_of(on_cpu, "Conv").inputs[1].dtype == FLOAT16
+    assert CUDA_PROVIDER_OPTIONS_KEY not in on_cpu.metadata_props
+
+
 def test_unused_untyped_optional_outputs_do_not_block() -> None:
     model = build(SKIP_LAYER_NORM)  # mean and inv have no type and nobody reads them
     node = node_of(model, "SkipLayerNormalization")
@@ -598,6 +625,7 @@ def test_cuda_preset_converts_a_fused_transformer() -> None:
     from onnxforge.presets import CUDA_PIPELINE
 
     model = onnxforge.optimize(exported("transformer"), CUDA_PIPELINE).model
+    assert CUDA_PROVIDER_OPTIONS_KEY not in model.metadata_props  # no convolutions
     fused = [n for n in model.graph if n.domain == "com.microsoft"]
     assert {n.op_type for n in fused} >= {"Attention", "SkipLayerNormalization"}
     for node in fused:
