@@ -79,7 +79,7 @@ from onnxscript.rewriter.rules import common as common_rules
 
 from onnxforge.passes.base import Pass, PassResult, Semantics
 from onnxforge.passes.registry import register
-from onnxforge.passes.statistics import has_subgraphs, node_subgraphs
+from onnxforge.passes.statistics import ONNX_DOMAINS, has_subgraphs, node_subgraphs
 
 __all__ = [
     "CleanupPass",
@@ -117,7 +117,6 @@ NON_DETERMINISTIC_OPS = frozenset(
 
 # Domains whose ops are known here to be pure functions of their inputs (less the ops above).
 _DETERMINISTIC_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft"})
-_ONNX_DOMAINS = ("", "ai.onnx")
 _CSE_BARRIER = "onnxforge.cse_barrier"
 _INT64_MAX = np.iinfo(np.int64).max
 # Before IR version 4, an initializer had to be a graph input too (so the caller could feed it).
@@ -199,7 +198,7 @@ def deduplicate_initializers(model: ir.Model, *, size_limit: int) -> int:
 
 
 def _removable_identity(node: ir.Node, graph: ir.Graph) -> bool:
-    if node.op_type != "Identity" or node.domain not in _ONNX_DOMAINS:
+    if node.op_type != "Identity" or node.domain not in ONNX_DOMAINS:
         return False
     if len(node.inputs) != 1 or len(node.outputs) != 1 or node.inputs[0] is None:
         return False
@@ -252,7 +251,7 @@ _CONSTANT_ATTRIBUTE_TYPES = {
 
 def _constant_tensor(node: ir.Node) -> ir.TensorProtocol | None:
     """The value of a Constant node as a tensor, or None when it is not a plain dense value."""
-    if node.op_type != "Constant" or node.domain not in _ONNX_DOMAINS or len(node.attributes) != 1:
+    if node.op_type != "Constant" or node.domain not in ONNX_DOMAINS or len(node.attributes) != 1:
         return None
     ((name, attr),) = node.attributes.items()
     if attr.is_ref() or attr.type != _CONSTANT_ATTRIBUTE_TYPES.get(name):
@@ -348,7 +347,7 @@ def _constant(value: ir.Value | None) -> np.ndarray | None:
         if (
             producer is None
             or producer.op_type != "Constant"
-            or producer.domain not in _ONNX_DOMAINS
+            or producer.domain not in ONNX_DOMAINS
         ):
             return None
         attr = producer.attributes.get("value")

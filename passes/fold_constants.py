@@ -62,7 +62,7 @@ from onnxforge.errors import first_line
 from onnxforge.passes.base import Pass, PassResult, Semantics
 from onnxforge.passes.cleanup import NON_DETERMINISTIC_OPS
 from onnxforge.passes.registry import register
-from onnxforge.passes.statistics import has_subgraphs, iter_graphs
+from onnxforge.passes.statistics import ONNX_DOMAINS, has_subgraphs, iter_graphs
 
 __all__ = [
     "FoldConstantsPass",
@@ -85,7 +85,6 @@ DEFAULT_OUTPUT_SIZE_LIMIT = 1024 * 1024
 # Incremental ONNX shape inference while folding: needed to fold Shape of intermediate values.
 DEFAULT_SHAPE_INFERENCE = True
 
-_ONNX_DOMAINS = frozenset({"", "ai.onnx"})
 NEVER_FOLD_OPS = NON_DETERMINISTIC_OPS | {
     # non-deterministic ops above: a folded sample would be the same on every run (Dropout in
     # training mode; onnxscript rewrites inference-mode Dropout to Identity)
@@ -149,7 +148,7 @@ def _infer_node(
     ``onnx.shape_inference.InferenceError`` when inference rejects the node.
     """
     version = opset_imports.get(node.domain or "")
-    if version is None or node.domain not in _ONNX_DOMAINS:
+    if version is None or node.domain not in ONNX_DOMAINS:
         return None
     try:
         schema = onnx.defs.get_schema(node.op_type, version, node.domain)
@@ -250,7 +249,7 @@ def _is_1d(value: ir.Value | None) -> bool:
     if value.shape is not None:
         return value.shape.rank() == 1
     producer = value.producer()
-    return producer is not None and producer.op_type == "Shape" and producer.domain in _ONNX_DOMAINS
+    return producer is not None and producer.op_type == "Shape" and producer.domain in ONNX_DOMAINS
 
 
 def _fold_static_shape_gathers(model: ir.Model, shape_values: dict[ir.Value, object]) -> int:
@@ -262,7 +261,7 @@ def _fold_static_shape_gathers(model: ir.Model, shape_values: dict[ir.Value, obj
     count = 0
     for graph in _graphs(model):
         for node in list(graph):
-            if node.op_type != "Gather" or node.domain not in _ONNX_DOMAINS:
+            if node.op_type != "Gather" or node.domain not in ONNX_DOMAINS:
                 continue
             if len(node.inputs) != 2 or len(node.outputs) != 1 or node.inputs[1] is None:
                 continue
@@ -408,7 +407,7 @@ class FoldConstantsPass(Pass):
     # None, onnxscript's default rules (its input-size limit and its list of preserved ops).
 
     def _should_fold(self, node: ir.Node) -> bool | None:
-        if node.domain not in _ONNX_DOMAINS or node.op_type in NEVER_FOLD_OPS:
+        if node.domain not in ONNX_DOMAINS or node.op_type in NEVER_FOLD_OPS:
             return False
         if len(node.outputs) != 1:
             return False

@@ -120,7 +120,7 @@ from onnxforge.errors import InputError
 from onnxforge.passes.base import CUDA_PROVIDER_OPTIONS_KEY, Pass, PassResult, Semantics
 from onnxforge.passes.cleanup import NON_DETERMINISTIC_OPS
 from onnxforge.passes.registry import register
-from onnxforge.passes.statistics import has_subgraphs
+from onnxforge.passes.statistics import ONNX_DOMAINS, has_subgraphs
 
 __all__ = [
     "Float16Pass",
@@ -188,7 +188,6 @@ _DATA_MOVEMENT = frozenset(
     }
 )
 
-_ONNX_DOMAINS = ("", "ai.onnx")
 _VARIADIC = onnx.defs.OpSchema.FormalParameterOption.Variadic
 _CONTRIB_DOMAIN = "com.microsoft"
 TARGETS = ("cpu", "cuda")
@@ -298,7 +297,7 @@ def _is_constant(value: ir.Value) -> bool:
     return (
         producer is not None
         and producer.op_type == "Constant"
-        and producer.domain in _ONNX_DOMAINS
+        and producer.domain in ONNX_DOMAINS
         and any(k in producer.attributes for k in ("value", "value_float", "value_floats"))
     )
 
@@ -466,7 +465,7 @@ class _Converter:
         if node.domain == _CONTRIB_DOMAIN and node.op_type in _CONTRIB_SCHEMAS:
             if self.target not in _CONTRIB_SCHEMAS[node.op_type].float16:
                 return f"ONNX Runtime has no float16 {node.op_type} kernel for {self.target}"
-        elif node.domain not in _ONNX_DOMAINS:
+        elif node.domain not in ONNX_DOMAINS:
             return f"domain '{node.domain}' is not ONNX's"
         if has_subgraphs(node):
             return "it has subgraphs"
@@ -859,7 +858,7 @@ class Float16Pass(Pass):
 def _has_float16_conv(graph: ir.Graph) -> bool:
     return any(
         node.op_type == "Conv"
-        and node.domain in ("", "ai.onnx")
+        and node.domain in ONNX_DOMAINS
         and len(node.inputs) > 1
         and node.inputs[1] is not None
         and node.inputs[1].dtype == ir.DataType.FLOAT16

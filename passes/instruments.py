@@ -305,13 +305,17 @@ class CrashReproducer(Instrument):
         safe_name = "".join(c if c.isalnum() or c in "-_" else "_" for c in record.name)
         path = self.directory / f"reproducer-{record.index:02d}-{safe_name}.onnx"
         self._snapshot.metadata_props["onnxforge.reproduce"] = record.text
-        external = any(
-            isinstance(v.const_value, ir.ExternalTensor)
-            for v in self._snapshot.graph.initializers.values()
-        )
-        ir.save(self._snapshot, path, external_data=f"{path.name}.data" if external else None)
+        from onnxforge.io import save  # here: onnxforge.io imports the passes package
+
+        snapshot, self._snapshot = self._snapshot, None
+        try:  # atomically, like every model onnxforge writes; the pass's own error comes first
+            save(snapshot, path)
+        except Exception as failure:  # noqa: BLE001 - reported, never raised over the failure
+            logger.warning(
+                "could not save the model before failing pass %s: %s", record.text, failure
+            )
+            return
         record.reproducer = str(path)
-        self._snapshot = None
         logger.warning("saved the model before failing pass %s to %s", record.text, path)
 
 

@@ -8,7 +8,17 @@ from collections.abc import Iterator
 
 import onnx_ir as ir
 
-__all__ = ["ModelStats", "model_stats", "iter_graphs", "node_subgraphs", "has_subgraphs"]
+__all__ = [
+    "ModelStats",
+    "model_stats",
+    "iter_graphs",
+    "node_subgraphs",
+    "has_subgraphs",
+    "ONNX_DOMAINS",
+]
+
+# The default ONNX operator set's domain, as written in models ("" or its long name).
+ONNX_DOMAINS = ("", "ai.onnx")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +58,7 @@ def has_subgraphs(node: ir.Node) -> bool:
 
 
 def _op_key(node: ir.Node) -> str:
-    return f"{node.domain}::{node.op_type}" if node.domain not in ("", "ai.onnx") else node.op_type
+    return f"{node.domain}::{node.op_type}" if node.domain not in ONNX_DOMAINS else node.op_type
 
 
 def _tensor_size(tensor: ir.TensorProtocol) -> tuple[int, int]:
@@ -61,7 +71,7 @@ def model_stats(model: ir.Model) -> ModelStats:
     parameters = parameter_bytes = 0
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
         ops[_op_key(node)] += 1
-        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+        if node.op_type == "Constant" and node.domain in ONNX_DOMAINS:
             value = node.attributes.get("value")
             if value is not None and value.type == ir.AttributeType.TENSOR:
                 count, size = _tensor_size(value.as_tensor())

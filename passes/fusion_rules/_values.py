@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from onnxforge.passes.statistics import ONNX_DOMAINS
+
 __all__ = [
     "ONNX_DOMAINS",
     "FLOAT_TYPES",
@@ -15,8 +17,6 @@ __all__ = [
     "unique_initializer_name",
 ]
 
-# The spellings of the default ONNX domain that nodes carry.
-ONNX_DOMAINS = ("", "ai.onnx")
 # The float types that the fused ops take.
 FLOAT_TYPES = frozenset(
     {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}

@@ -20,6 +20,8 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from onnxforge.passes.statistics import ONNX_DOMAINS
+
 __all__ = [
     "ONNX_DOMAINS",
     "Dim",
@@ -33,7 +35,6 @@ __all__ = [
     "shape_range",
 ]
 
-ONNX_DOMAINS = ("", "ai.onnx")
 
 # A dim is a static size, a symbolic dim (the batch, ...) or None when nothing is known.
 Dim = int | ir.SymbolicDim | None

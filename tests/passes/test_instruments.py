@@ -629,6 +629,18 @@ def test_crash_reproducer_saves_the_model_before_a_crashing_pass(tmp_path) -> No
         get_pass("test-crash")()(saved)
 
 
+def test_crash_reproducer_that_cannot_write_keeps_the_pass_error(tmp_path, caplog) -> None:
+    blocker = tmp_path / "repro"
+    blocker.mkdir()
+    (blocker / "reproducer-01-test-crash.onnx").mkdir()  # a folder where the file should go
+    with pytest.raises(PassError) as info:
+        PassManager("cleanup,test-crash", [CrashReproducer(blocker)]).run(build(SCALED_RELU))
+    assert isinstance(info.value.__cause__, CrashError)
+    assert info.value.records[1].reproducer is None
+    assert "could not save the model before failing pass test-crash" in caplog.text
+    assert sorted(p.name for p in blocker.iterdir()) == ["reproducer-01-test-crash.onnx"]
+
+
 def test_crash_reproducer_saves_the_model_before_a_verification_failure(tmp_path) -> None:
     model = build(SCALED_RELU)
     inputs = inputs_for(model)
