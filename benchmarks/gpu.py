@@ -5,15 +5,14 @@ One command does everything on the GPU machine. Two parts, both run by default:
 ``pipeline`` (the CUDA target): for BERT-base and MiniLM-L6 (random weights from
 ``transformers`` configs, sequence 128) and ResNet-50 (224x224), batch 32, it exports each model
 with onnxforge's frontend (static shapes), runs the ``cuda`` preset
-(``fold-constants,cleanup,fuse{target=cuda},fp16{target=cuda}``) and times the result on ONNX
-Runtime's CUDA provider with IO binding and a captured CUDA graph (and with the provider
-options that ``fp16`` records for float16 convolutions, plus a ResNet-50 row without them),
-next to PyTorch eager fp16, ``torch.compile`` (default and ``max-autotune``) and ONNX
+(``fold-constants,cleanup,fuse{target=cuda},fp16{target=cuda},cuda-layout``) and times the
+result on ONNX Runtime's CUDA provider with IO binding and a captured CUDA graph (and with the
+provider options that ``fp16`` records for float16 convolutions, plus a ResNet-50 row without
+them), next to PyTorch eager fp16, ``torch.compile`` (default and ``max-autotune``) and ONNX
 Runtime's transformers optimizer with fp16 (ResNet-50: ONNX Runtime's fp16 converter alone) on
-the same export and backend. Every
-timing is a median of CUDA-synchronised runs after warm-up; the error of each fp16 result is
-its relative L2 distance to PyTorch float32 (TF32 off). BERT-base's FLOPs give the fraction of
-the GPU's dense fp16 peak each row reaches.
+the same export and backend. Every timing is a median of CUDA-synchronised runs after warm-up;
+the error of each fp16 result is its relative L2 distance to PyTorch float32 (TF32 off).
+BERT-base's FLOPs give the fraction of the GPU's dense fp16 peak each row reaches.
 
 ``backend`` (issue: backend): the bundled samples on the CPU provider, on CUDA with plain
 ``run``, with IO binding, and with IO binding plus a CUDA graph; then dynamic batching.

@@ -275,8 +275,9 @@ def optimize(
         str,
         typer.Option(
             help="Without -p: the preset to start from. cpu = fold-constants,cleanup,fuse; "
-            "cuda = fold-constants,cleanup,fuse{target=cuda},fp16{target=cuda} (ONNX "
-            "Runtime's CUDA fused ops in float16; run it with IO binding and CUDA graphs)."
+            "cuda = fold-constants,cleanup,fuse{target=cuda},fp16{target=cuda},cuda-layout "
+            "(ONNX Runtime's CUDA fused ops in float16, convolutions shaped for cuDNN; run it "
+            "with IO binding and CUDA graphs)."
         ),
     ] = "cpu",
     verify: Annotated[

@@ -29,6 +29,9 @@ CUDA_PIPELINE = ",".join(
         "fuse{target=cuda}",  # only the fused ops ONNX Runtime's CUDA provider has kernels for
         # half precision for tensor cores, fused ops included; sensitive ops stay float32
         "fp16{target=cuda}",
+        # after fp16, whose float16 convolutions it reshapes for cuDNN: stems over few channels
+        # as space-to-depth, ReLU after max-pool, spatial means on cuBLAS
+        "cuda-layout",
     ]
 )
 

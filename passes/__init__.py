@@ -8,6 +8,7 @@ from __future__ import annotations
 
 # Importing a pass module registers its pass.
 from onnxforge.passes import cleanup as _cleanup  # noqa: F401
+from onnxforge.passes import cuda_layout as _cuda_layout  # noqa: F401
 from onnxforge.passes import fold_constants as _fold_constants  # noqa: F401
 from onnxforge.passes import fp16 as _fp16  # noqa: F401
 from onnxforge.passes import fuse as _fuse  # noqa: F401

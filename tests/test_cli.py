@@ -277,7 +277,7 @@ def test_optimize_then_inspect(tiny_model_path):
     ("target", "pipeline"),
     [
         ("cpu", "fold-constants,cleanup,fuse"),
-        ("cuda", "fold-constants,cleanup,fuse{target=cuda},fp16{target=cuda}"),
+        ("cuda", "fold-constants,cleanup,fuse{target=cuda},fp16{target=cuda},cuda-layout"),
     ],
 )
 def test_optimize_without_a_pipeline_starts_from_the_target_preset(
