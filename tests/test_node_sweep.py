@@ -250,12 +250,26 @@ def test_node_cases_still_right_after_the_pipeline(record_property) -> None:
 # Pruning is lossy where it applies; in ONNX's node cases weights are graph inputs, not
 # constants, so it must leave every case as it was: valid, runnable, and still right.
 PRUNE_PIPELINE = "fold-constants,cleanup,prune{granularity=channel},fuse"
+# cuda-layout rewrites ReduceMean, GlobalAveragePool and MaxPool-after-Relu cases too.
+CUDA_LAYOUT_PIPELINE = "fold-constants,cleanup,fuse,cuda-layout"
 
 
 @pytest.mark.slow
 def test_node_cases_still_right_with_prune_in_the_pipeline() -> None:
     result = run_node_sweep(PRUNE_PIPELINE)
     assert result.right_before > MIN_RIGHT_BEFORE, result.counts()
+    assert not result.failures, "\n".join(
+        [f"{len(result.failures)} node cases broke under {result.pipeline}:"]
+        + [f"  {name}: {why}" for name, why in sorted(result.failures.items())]
+    )
+    assert result.right_after == result.right_before
+
+
+@pytest.mark.parametrize("pipeline", ["cuda-layout", CUDA_LAYOUT_PIPELINE])
+def test_node_cases_still_right_with_cuda_layout(pipeline: str) -> None:
+    result = run_node_sweep(pipeline)
+    assert result.right_before > MIN_RIGHT_BEFORE, result.counts()
+    assert result.modified > 0, "cuda-layout changed no case: it cannot have been exercised"
     assert not result.failures, "\n".join(
         [f"{len(result.failures)} node cases broke under {result.pipeline}:"]
         + [f"  {name}: {why}" for name, why in sorted(result.failures.items())]
