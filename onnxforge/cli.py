@@ -469,6 +469,8 @@ def inspect(
     out.print(f"pipeline: {info.pipeline or '(none: not written by onnxforge optimize)'}")
     if info.onnxforge_version:
         out.print(f"written by onnxforge {info.onnxforge_version}")
+    if info.cuda_provider_options:
+        out.print(f"CUDA provider options on --ep cuda: {escape(info.cuda_provider_options)}")
 
 
 def _parse_shape(text: str) -> tuple[str, list[int]]:

@@ -8,6 +8,7 @@ from typing import Any
 import onnx_ir as ir
 
 from onnxforge.io import PIPELINE_KEY, VERSION_KEY
+from onnxforge.passes.base import CUDA_PROVIDER_OPTIONS_KEY
 from onnxforge.passes.statistics import model_stats
 
 __all__ = ["ModelInfo", "describe_model"]
@@ -28,6 +29,8 @@ class ModelInfo:
     parameter_bytes: int
     pipeline: str | None
     onnxforge_version: str | None
+    # CUDA provider options a pass recorded for the backend (JSON text), or None
+    cuda_provider_options: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready dictionary."""
@@ -64,4 +67,5 @@ def describe_model(model: ir.Model) -> ModelInfo:
         parameter_bytes=stats.parameter_bytes,
         pipeline=model.metadata_props.get(PIPELINE_KEY),
         onnxforge_version=model.metadata_props.get(VERSION_KEY),
+        cuda_provider_options=model.metadata_props.get(CUDA_PROVIDER_OPTIONS_KEY),
     )

@@ -271,6 +271,21 @@ def test_optimize_then_inspect(tiny_model_path):
     assert info["onnxforge_version"] == onnxforge.__version__
     assert info["nodes"] == _node_count(out)
     assert [i["name"] for i in info["inputs"]] == ["x"]
+    assert info["cuda_provider_options"] is None
+    assert "CUDA provider options" not in shown.stdout
+
+
+def test_inspect_shows_the_cuda_options_a_pass_recorded(seed_cnn_path):
+    folder = seed_cnn_path.parent
+    result = cli(
+        "optimize", seed_cnn_path.name, "-o", "half.onnx", "-p", "fp16{target=cuda}", cwd=folder
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    shown = cli("inspect", "half.onnx", cwd=folder)
+    assert shown.returncode == 0, shown.stderr
+    assert re.search(r"^CUDA provider options on --ep cuda: .*prefer_nhwc", shown.stdout, re.M)
+    info = json.loads(cli("inspect", "half.onnx", "--json", cwd=folder).stdout)
+    assert json.loads(info["cuda_provider_options"]) == {"fuse_conv_bias": "1", "prefer_nhwc": "1"}
 
 
 @pytest.mark.parametrize(
