@@ -938,8 +938,10 @@ def test_cse_never_merges_random_ops(op: str) -> None:
     if op != "Multinomial":  # two independent draws differ: a - b is not all zeros
         # (ONNX Runtime's own CSE merges two Bernoulli nodes: run without its optimizations)
         session = Session(model, graph_optimization="none")
-        y, _ = session.run({"x": np.random.default_rng(4).random((2, 4), np.float32)})
-        assert np.any(y != 0)
+        feed = {"x": np.random.default_rng(4).random((2, 4), np.float32)}
+        # 8 Bernoulli or Dropout pairs agree everywhere about 1% of the time: draw again;
+        # merged nodes would agree on every draw
+        assert any(np.any(session.run(feed)[0] != 0) for _ in range(5))
 
 
 def test_cse_never_merges_custom_ops() -> None:
