@@ -34,12 +34,11 @@ import math
 
 import numpy as np
 import onnx_ir as ir
-from onnx_ir.passes import common as ir_common
 
 from onnxforge.passes.base import Pass, PassResult, Semantics
-from onnxforge.passes.fusion_rules._values import constant_array, unique_initializer_name
+from onnxforge.passes.fusion_rules._values import constant_array, new_initializer
 from onnxforge.passes.registry import register
-from onnxforge.passes.statistics import ONNX_DOMAINS
+from onnxforge.passes.statistics import ONNX_DOMAINS, inferred_copy_values
 
 __all__ = ["CudaLayoutPass", "space_to_depth_weight", "MAX_STEM_CHANNELS"]
 
@@ -48,6 +47,8 @@ FLOAT16 = ir.DataType.FLOAT16
 MAX_STEM_CHANNELS = 8
 # cuDNN's channels-last float16 kernels want channel counts that are multiples of this.
 CHANNEL_MULTIPLE = 8
+# The element types a spatial mean is rewritten for.
+_FLOAT_DTYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE)
 
 
 class _Dims:
@@ -63,10 +64,7 @@ class _Dims:
 
     def _copy_of(self, value: ir.Value) -> ir.Value | None:
         if self._inferred is None:
-            copy = self.model.clone()
-            ir_common.ShapeInferencePass(strict_mode=False)(copy)
-            values = [*copy.graph.inputs, *(o for n in copy.graph for o in n.outputs)]
-            self._inferred = {v.name: v for v in values if v.name is not None}
+            self._inferred = inferred_copy_values(self.model)
         return self._inferred.get(value.name) if value.name is not None else None
 
     def __call__(self, value: ir.Value | None) -> list[int | None] | None:
@@ -94,15 +92,6 @@ def _ints(node: ir.Node, name: str, default: list[int]) -> list[int]:
 
 def _single_use(value: ir.Value) -> bool:
     return len(value.uses()) == 1 and not value.is_graph_output()
-
-
-def _constant(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
-    name = unique_initializer_name(graph, base)
-    value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
-    value.type = ir.TensorType(ir.DataType.from_numpy(array.dtype))
-    value.shape = ir.Shape(list(array.shape))
-    graph.register_initializer(value)
-    return value
 
 
 def _take_over(old: ir.Value, new: ir.Value, suffix: str) -> None:
@@ -150,8 +139,11 @@ def space_to_depth_weight(weight: np.ndarray, pad: int) -> tuple[np.ndarray, lis
     return result, [-low, -low, high, high]
 
 
-def _stem_plan(node: ir.Node, dims_of: _Dims) -> tuple[int, int, int, int, int] | None:
-    """(channels, height, width, kernel, pad) of a Conv the stem rewrite applies to, else None."""
+def _stem_plan(node: ir.Node, dims_of: _Dims) -> tuple[int | None, ...] | None:
+    """(batch, channels, height, width, kernel, pad) of a Conv the stem rewrite applies to.
+
+    None when it does not apply; batch is None when symbolic.
+    """
     if node.op_type != "Conv" or node.domain not in ONNX_DOMAINS or len(node.inputs) < 2:
         return None
     x, weight = node.inputs[0], node.inputs[1]
@@ -161,7 +153,7 @@ def _stem_plan(node: ir.Node, dims_of: _Dims) -> tuple[int, int, int, int, int] 
         return None
     if len(dims) != 4 or None in dims[1:]:
         return None
-    _, channels, height, width = dims
+    batch, channels, height, width = dims
     out_channels, in_channels, size, size_w = array.shape
     if in_channels != channels or channels >= MAX_STEM_CHANNELS or size != size_w:
         return None
@@ -181,7 +173,7 @@ def _stem_plan(node: ir.Node, dims_of: _Dims) -> tuple[int, int, int, int, int] 
     bias = node.inputs[2] if len(node.inputs) > 2 else None
     if bias is not None and constant_array(bias) is None:
         return None
-    return channels, height, width, size, pad
+    return batch, channels, height, width, size, pad
 
 
 def _batch_shape(
@@ -189,9 +181,10 @@ def _batch_shape(
 ) -> ir.Value:
     """``[N, *tail]`` for ``x``'s batch size N: a constant when N is known, else from Shape."""
     if batch is not None:
-        return _constant(graph, f"{x.name}_s2d_zeros_shape", np.array([batch, *tail], np.int64))
+        shape = np.array([batch, *tail], np.int64)
+        return new_initializer(graph, f"{x.name}_s2d_zeros_shape", shape)
     shape = ir.node("Shape", [x], attributes={"start": 0, "end": 1})
-    tail_value = _constant(graph, f"{x.name}_s2d_zeros_tail", np.array(tail, np.int64))
+    tail_value = new_initializer(graph, f"{x.name}_s2d_zeros_tail", np.array(tail, np.int64))
     concat = ir.node("Concat", [shape.outputs[0], tail_value], attributes={"axis": 0})
     for created, size in ((shape, 1), (concat, 1 + len(tail))):
         graph.insert_before(before, created)
@@ -200,8 +193,8 @@ def _batch_shape(
     return concat.outputs[0]
 
 
-def _space_to_depth_stem(graph: ir.Graph, node: ir.Node, plan, dims_of: _Dims) -> None:
-    channels, height, width, size, pad = plan
+def _space_to_depth_stem(graph: ir.Graph, node: ir.Node, plan) -> None:
+    known_batch, channels, height, width, size, pad = plan
     x, weight = node.inputs[0], node.inputs[1]
     array = constant_array(weight)
     kernel, new_pads = space_to_depth_weight(array.astype(np.float32), pad)
@@ -211,34 +204,33 @@ def _space_to_depth_stem(graph: ir.Graph, node: ir.Node, plan, dims_of: _Dims) -
         [kernel, np.zeros((kernel.shape[0], padded - depth, *kernel.shape[2:]), np.float32)], 1
     ).astype(array.dtype)
     half_h, half_w = height // 2, width // 2
-    known_batch = dims_of(x)[0]
-    batch = x.shape[0] if x.shape is not None else known_batch
+    batch = x.shape[0] if x.shape is not None else known_batch  # keeps a symbolic name
 
     def add(op: str, inputs: list, shape: list, **attributes) -> ir.Value:
         created = ir.node(op, inputs, attributes=attributes)
         graph.insert_before(node, created)
         return _typed(created, FLOAT16, shape)
 
-    blocks = _constant(
+    blocks = new_initializer(
         graph, f"{x.name}_s2d_blocks", np.array([0, channels, half_h, 2, half_w, 2], np.int64)
     )
     split = add("Reshape", [x, blocks], [batch, channels, half_h, 2, half_w, 2])
     moved = add(
         "Transpose", [split], [batch, half_h, half_w, 2, 2, channels], perm=[0, 2, 4, 3, 5, 1]
     )
-    pixels = _constant(
+    pixels = new_initializer(
         graph, f"{x.name}_s2d_pixels", np.array([0, half_h, half_w, depth], np.int64)
     )
     channels_last = add("Reshape", [moved, pixels], [batch, half_h, half_w, depth])
     if padded > depth:
-        zero = _constant(graph, f"{x.name}_s2d_zero", np.zeros((1, 1, 1, 1), array.dtype))
+        zero = new_initializer(graph, f"{x.name}_s2d_zero", np.zeros((1, 1, 1, 1), array.dtype))
         target = _batch_shape(graph, x, known_batch, [half_h, half_w, padded - depth], node)
         zeros = add("Expand", [zero, target], [batch, half_h, half_w, padded - depth])
         channels_last = add(
             "Concat", [channels_last, zeros], [batch, half_h, half_w, padded], axis=3
         )
     first = add("Transpose", [channels_last], [batch, padded, half_h, half_w], perm=[0, 3, 1, 2])
-    new_weight = _constant(graph, f"{weight.name}_s2d", kernel)
+    new_weight = new_initializer(graph, f"{weight.name}_s2d", kernel)
     node.replace_input_with(0, first)
     node.replace_input_with(1, new_weight)
     for name in ("strides", "pads", "kernel_shape", "dilations"):
@@ -255,7 +247,7 @@ def _space_to_depth_stems(graph: ir.Graph, dims_of: _Dims) -> int:
     for node in list(graph):
         plan = _stem_plan(node, dims_of)
         if plan is not None:
-            _space_to_depth_stem(graph, node, plan, dims_of)
+            _space_to_depth_stem(graph, node, plan)
             count += 1
     return count
 
@@ -338,16 +330,18 @@ def _means_as_matmul(graph: ir.Graph, dims_of: _Dims) -> int:
         keep = node.op_type == "GlobalAveragePool" or node.attributes.get_int("keepdims", 1)
         _, channels, height, width = dims
         batch, area = (x.shape[0] if x.shape is not None else None), height * width
-        rows = _constant(graph, f"{x.name}_mean_rows", np.array([0, channels, area], np.int64))
+        rows_shape = np.array([0, channels, area], np.int64)
+        rows = new_initializer(graph, f"{x.name}_mean_rows", rows_shape)
         flat = ir.node("Reshape", [x, rows])
         graph.insert_before(node, flat)
         _typed(flat, dtype, [batch, channels, area])
         scale = np.full((area, 1), 1.0 / area, dtype=dtype.numpy())
-        product = ir.node("MatMul", [flat.outputs[0], _constant(graph, f"{x.name}_mean", scale)])
+        weight = new_initializer(graph, f"{x.name}_mean", scale)
+        product = ir.node("MatMul", [flat.outputs[0], weight])
         graph.insert_before(node, product)
         _typed(product, dtype, [batch, channels, 1])
         out_shape = [0, channels, 1, 1] if keep else [0, channels]
-        target = _constant(graph, f"{x.name}_mean_shape", np.array(out_shape, np.int64))
+        target = new_initializer(graph, f"{x.name}_mean_shape", np.array(out_shape, np.int64))
         result = ir.node("Reshape", [product.outputs[0], target])
         graph.insert_before(node, result)
         _typed(result, dtype, [batch, channels, 1, 1] if keep else [batch, channels])
@@ -355,9 +349,6 @@ def _means_as_matmul(graph: ir.Graph, dims_of: _Dims) -> int:
         graph.remove(node, safe=True)
         count += 1
     return count
-
-
-_FLOAT_DTYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE)
 
 
 @register

@@ -114,13 +114,12 @@ from typing import Literal
 import numpy as np
 import onnx
 import onnx_ir as ir
-from onnx_ir.passes import common as ir_common
 
 from onnxforge.errors import InputError
 from onnxforge.passes.base import CUDA_PROVIDER_OPTIONS_KEY, Pass, PassResult, Semantics
 from onnxforge.passes.cleanup import NON_DETERMINISTIC_OPS
 from onnxforge.passes.registry import register
-from onnxforge.passes.statistics import ONNX_DOMAINS, has_subgraphs
+from onnxforge.passes.statistics import ONNX_DOMAINS, has_subgraphs, inferred_copy_values
 
 __all__ = [
     "Float16Pass",
@@ -383,9 +382,7 @@ class _Converter:
         dtypes = {v: v.dtype for v in values}
         if any(dtype is None for dtype in dtypes.values()):
             # Infer on a copy: the pass must not add annotations to a model it leaves alone.
-            copy = self.model.clone()
-            ir_common.ShapeInferencePass(strict_mode=False)(copy)
-            inferred = {v.name: v.dtype for v in _values_of(copy.graph)}
+            inferred = {name: v.dtype for name, v in inferred_copy_values(self.model).items()}
             for value, dtype in dtypes.items():
                 if dtype is None and value.name is not None:
                     dtypes[value] = inferred.get(value.name)

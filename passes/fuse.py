@@ -73,7 +73,7 @@ from onnxforge.passes.fusion_rules import (
 from onnxforge.passes.fusion_rules._values import (
     ONNX_DOMAINS,
     constant_array,
-    unique_initializer_name,
+    new_initializer,
 )
 from onnxforge.passes.registry import register
 
@@ -347,15 +347,8 @@ def pack_constant_concats(graph: ir.Graph) -> int:
         packed = node.outputs[0]
         if packed.is_graph_output():
             continue
-        name = unique_initializer_name(graph, f"{packed.name or 'packed'}_packed")
         array = np.concatenate(parts, axis=node.attributes.get_int("axis", 0))
-        value = ir.Value(
-            name=name,
-            shape=ir.Shape(array.shape),
-            type=ir.TensorType(packed.dtype or ir.DataType.from_numpy(array.dtype)),
-            const_value=ir.tensor(array, name=name),
-        )
-        graph.register_initializer(value)
+        value = new_initializer(graph, f"{packed.name or 'packed'}_packed", array)
         ir.convenience.replace_all_uses_with(packed, value)
         graph.remove(node, safe=True)
         count += 1

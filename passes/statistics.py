@@ -7,6 +7,7 @@ import dataclasses
 from collections.abc import Iterator
 
 import onnx_ir as ir
+from onnx_ir.passes import common as ir_common
 
 __all__ = [
     "ModelStats",
@@ -15,6 +16,7 @@ __all__ = [
     "node_subgraphs",
     "has_subgraphs",
     "ONNX_DOMAINS",
+    "inferred_copy_values",
 ]
 
 # The default ONNX operator set's domain, as written in models ("" or its long name).
@@ -55,6 +57,18 @@ def has_subgraphs(node: ir.Node) -> bool:
         attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
         for attr in node.attributes.values()
     )
+
+
+def inferred_copy_values(model: ir.Model) -> dict[str, ir.Value]:
+    """The main graph's values by name, in a shape-inferred copy of ``model``.
+
+    Types and shapes that ``model`` lacks, read without annotating ``model`` itself.
+    """
+    copy = model.clone()
+    ir_common.ShapeInferencePass(strict_mode=False)(copy)
+    graph = copy.graph
+    values = [*graph.inputs, *graph.initializers.values(), *(o for n in graph for o in n.outputs)]
+    return {v.name: v for v in values if v.name is not None}
 
 
 def _op_key(node: ir.Node) -> str:

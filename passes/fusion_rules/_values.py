@@ -15,6 +15,7 @@ __all__ = [
     "same_dims",
     "describe",
     "unique_initializer_name",
+    "new_initializer",
 ]
 
 # The float types that the fused ops take.
@@ -69,3 +70,16 @@ def unique_initializer_name(graph: ir.Graph | ir.Function, base: str) -> str:
         index += 1
         name = f"{base}_{index}"
     return name
+
+
+def new_initializer(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
+    """Register ``array`` as a typed, shaped initializer under a new name made from ``base``."""
+    name = unique_initializer_name(graph, base)
+    value = ir.Value(
+        name=name,
+        shape=ir.Shape(array.shape),
+        type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+        const_value=ir.tensor(array, name=name),
+    )
+    graph.register_initializer(value)
+    return value
