@@ -28,6 +28,10 @@ functions (where results become ``Constant`` nodes). Around it, this pass:
   ``x: [N, 16, 5, 5]`` gives 16), which onnxscript does only for 1-D indices with an explicit
   ``axis``, then folds again: with a symbolic batch the static parts of exporter shape chains
   still fold;
+- gives a ``Reshape`` a constant target where onnxscript's symbolic values show the computed
+  one is constants and the data's own dimensions in place: ``x.view(x.size(0), -1)`` with a
+  symbolic batch becomes ``Reshape(x, [0, -1])`` (0 copies the dimension), and the Shape,
+  Gather/Squeeze, Unsqueeze and Concat chain that computed the target goes;
 - treats a node on which one of onnxscript's partial evaluators crashes as not foldable
   (onnxscript 0.7 crashes on ``SplitToSequence`` with a non-constant scalar ``split``);
 - keeps valid models valid: after folding, every node whose inputs changed is run through ONNX
@@ -48,6 +52,7 @@ computed by numpy, not by ONNX Runtime's kernels, and may differ in the last bit
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from collections.abc import Iterable
@@ -61,6 +66,7 @@ from onnxscript.optimizer import _constant_folding
 from onnxforge.errors import first_line
 from onnxforge.passes.base import Pass, PassResult, Semantics
 from onnxforge.passes.cleanup import NON_DETERMINISTIC_OPS
+from onnxforge.passes.fusion_rules._values import new_initializer
 from onnxforge.passes.registry import register
 from onnxforge.passes.statistics import ONNX_DOMAINS, has_subgraphs, iter_graphs
 
@@ -293,6 +299,63 @@ def _fold_static_shape_gathers(model: ir.Model, shape_values: dict[ir.Value, obj
     return count
 
 
+def _reshape_target(node: ir.Node, target: object) -> np.ndarray | None:
+    """The constant target equal to the symbolic ``target`` of this Reshape, if there is one.
+
+    A symbolic dimension at position ``i`` is data's own dimension ``i`` when the symbols are
+    the same: it becomes 0 ("copy dimension i", with ``allowzero`` off). Any other symbol, or a
+    literal 0 that ``allowzero`` makes a real size, leaves the target as it is.
+    """
+    data = node.inputs[0]
+    if not isinstance(target, ir.Shape) or data is None or data.shape is None:
+        return None
+    allowzero = node.attributes.get_int("allowzero", 0)
+    dims = []
+    for i, dim in enumerate(target):
+        if isinstance(dim, int):
+            if dim == 0 and allowzero:
+                return None
+            dims.append(dim)
+        elif i < data.shape.rank() and dim.value is not None and data.shape[i] == dim:
+            dims.append(0)
+        else:
+            return None
+    return np.array(dims, dtype=np.int64)
+
+
+def _fold_symbolic_reshape_targets(model: ir.Model, shape_values: dict[ir.Value, object]) -> int:
+    """``Reshape(x, Concat(Shape(x)[0], [-1]))`` -> ``Reshape(x, [0, -1])``, and the like.
+
+    Exporters write ``x.view(x.size(0), -1)`` as a chain of Shape, Gather or Squeeze,
+    Unsqueeze and Concat. Where onnxscript's symbolic value map shows the computed target is
+    made of constants and of x's own dimensions in place, the target becomes a constant and
+    the chain dead code.
+    """
+    count = 0
+    for graph in model.graphs():  # not function bodies: the target becomes an initializer
+        for node in list(graph):
+            if node.op_type != "Reshape" or node.domain not in ONNX_DOMAINS:
+                continue
+            if len(node.inputs) != 2 or node.inputs[1] is None or _constant(node.inputs[1]):
+                continue
+            dims = _reshape_target(node, shape_values.get(node.inputs[1]))  # type: ignore[arg-type]
+            if dims is None:
+                continue
+            taken = {v.name for n in graph for v in n.outputs} | {v.name for v in graph.inputs}
+            base = f"{node.inputs[1].name or node.name}_folded"
+            name = next(
+                candidate
+                for candidate in itertools.chain(
+                    [base], (f"{base}_{i}" for i in itertools.count(1))
+                )
+                if candidate not in taken
+            )
+            node.replace_input_with(1, new_initializer(graph, name, dims))
+            node.attributes.pop("allowzero", None)
+            count += 1
+    return count
+
+
 class _Folder(_constant_folding.FoldConstantsPass):
     """onnxscript's folder, where a partial evaluator that crashes means "do not fold"."""
 
@@ -370,7 +433,11 @@ class FoldConstantsPass(Pass):
         for _ in range(_MAX_ROUNDS):
             result = folder(model)
             modified = result.modified or modified
-            if not _fold_static_shape_gathers(model, result.symbolic_value_map):
+            shape_values = result.symbolic_value_map
+            if not (
+                _fold_static_shape_gathers(model, shape_values)
+                + _fold_symbolic_reshape_targets(model, shape_values)
+            ):
                 break
             modified = True
         if not modified:

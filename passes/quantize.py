@@ -20,6 +20,9 @@ onnxforge's own steps, each in :mod:`onnxforge.passes.quantization`:
   run faster around integer MatMuls; in static mode, a CNN head flattened channels-last with
   its weight permuted (ONNX Runtime's integer convolutions run channels-last). So the pass
   works after ``fuse`` as well as before;
+- *layout* after the quantizer (static QDQ, ``layout``): a convolution left float that feeds a
+  quantized one hands its output over channels-last, so that ONNX Runtime writes it in that
+  layout directly instead of transposing the uint8 tensor (exact: only the layout changes);
 - *SmoothQuant* (``smooth=alpha``, needs data): per-channel activation outliers moved into the
   weights, which per-tensor activation quantization needs on transformers;
 - *calibration* (static mode) once, streamed in chunks, from ``data``: ``sample:NAME`` (a
@@ -67,7 +70,7 @@ from onnxforge.errors import EXIT_VERIFICATION_FAILED, InputError, OnnxforgeErro
 from onnxforge.passes.base import FunctionalPass, PassResult, Semantics
 from onnxforge.passes.cleanup import lift_constants
 from onnxforge.passes.fold_constants import FoldConstantsPass
-from onnxforge.passes.quantization import cpu, prepare
+from onnxforge.passes.quantization import cpu, layout, prepare
 from onnxforge.passes.quantization import data as sources
 from onnxforge.passes.quantization.engine import (
     Engine,
@@ -360,6 +363,8 @@ class QuantizePass(FunctionalPass):
         counts = prepare.quantized_ops(quantized)
         if not counts:
             return self._no_op(model, "no-op", "ONNX Runtime's quantizer quantized no node")
+        if settings.mode == "static" and settings.format == "qdq":  # exact: layout only
+            report.hand_over = layout.hand_over_channels_last(quantized)
         report.quantized = _quantized_by_op(working, result.quantized - set(result.kept))
         report.candidates = len(candidates)
         report.loss_all_quantized, report.loss = result.loss_all_quantized, result.loss

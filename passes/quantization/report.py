@@ -50,6 +50,7 @@ class QuantizeReport:
     smoothed: list[str] = dataclasses.field(default_factory=list)
     unfused: list[str] = dataclasses.field(default_factory=list)
     channels_last: list[str] = dataclasses.field(default_factory=list)
+    hand_over: list[str] = dataclasses.field(default_factory=list)  # float Convs, channels-last out
     typed_values: int = 0
     calibration_batches: int = 0
     trials: int = 0
@@ -74,6 +75,11 @@ class QuantizeReport:
             lines.append(
                 f"quantize: {len(self.channels_last)} CNN heads flatten channels-last "
                 f"({', '.join(self.channels_last)})"
+            )
+        if self.hand_over:
+            lines.append(
+                f"quantize: {len(self.hand_over)} float convolutions hand over channels-last "
+                f"({', '.join(self.hand_over)})"
             )
         if self.loss is not None:
             budget = f" (budget {self.budget:g})" if self.budget is not None else ""

@@ -724,29 +724,63 @@ def test_shape_gather_concat_reshape_chain_folds_when_shapes_are_static() -> Non
     np.testing.assert_array_equal(initializer(model, "shape"), [2, -1])
 
 
-def test_symbolic_batch_folds_only_the_static_parts() -> None:
-    text = """
-        g (float[N,16,5,5] x) => (float[N,400] y) {
-            s = Shape(x)
-            one = Constant <value_int = 1> ()
-            c = Gather(s, one)
-            hw_index = Constant <value_ints = [2, 3]> ()
-            hw = Gather(s, hw_index)
-            hw_size = ReduceProd <keepdims = 1> (hw)
-            axes = Constant <value_ints = [0]> ()
-            cu = Unsqueeze(c, axes)
-            features = Mul(cu, hw_size)
-            batch = Shape <end = 1> (x)
-            shape = Concat <axis = 0> (batch, features)
-            y = Reshape(x, shape)
-        }
-        """
+# x.view(x.size(0), -1) with the features computed from Shape too; {batch} reads the batch
+SYMBOLIC_BATCH = """
+    g (float[N,16,5,5] x, float[M,3] z) => (float[N,400] y, float[M,3] w) {{
+        s = Shape(x)
+        one = Constant <value_int = 1> ()
+        c = Gather(s, one)
+        hw_index = Constant <value_ints = [2, 3]> ()
+        hw = Gather(s, hw_index)
+        hw_size = ReduceProd <keepdims = 1> (hw)
+        axes = Constant <value_ints = [0]> ()
+        cu = Unsqueeze(c, axes)
+        features = Mul(cu, hw_size)
+        batch = Shape <end = 1> ({batch})
+        shape = Concat <axis = 0> (batch, features)
+        y = Reshape <allowzero = 1> (x, shape)
+        w = Relu(z)
+    }}
+    """
+
+
+def _symbolic_batch_feeds() -> list[dict[str, np.ndarray]]:
     x3 = np.random.default_rng(0).standard_normal((3, 16, 5, 5)).astype(np.float32)
-    model, _ = check_fold(text, [{"x": x3}, {"x": x3[:1]}])
-    assert op_counts(model) == {"Shape": 1, "Concat": 1, "Reshape": 1}
+    return [
+        {"x": x[:batch], "z": np.ones((batch, 3), np.float32)} for x, batch in ((x3, 3), (x3, 1))
+    ]
+
+
+def test_a_reshape_to_its_own_symbolic_batch_gets_a_constant_target() -> None:
+    # the target [N, 400] is x's own N in place: it becomes [0, 400] ("copy dim 0")
+    model, _ = check_fold(SYMBOLIC_BATCH.format(batch="x"), _symbolic_batch_feeds())
+    assert op_counts(model) == {"Reshape": 1, "Relu": 1}
+    (reshape,) = (n for n in model.graph if n.op_type == "Reshape")
+    np.testing.assert_array_equal(reshape.inputs[1].const_value.numpy(), [0, 400])
+    assert reshape.attributes.get_int("allowzero", 0) == 0
+
+
+def test_symbolic_batch_of_another_value_folds_only_the_static_parts() -> None:
+    # the batch is z's M, which may differ from x's N: only the features fold
+    model, _ = check_fold(SYMBOLIC_BATCH.format(batch="z"), _symbolic_batch_feeds())
+    assert op_counts(model) == {"Shape": 1, "Concat": 1, "Reshape": 1, "Relu": 1}
     np.testing.assert_array_equal(initializer(model, "features"), [400])
     (shape,) = (n for n in model.graph if n.op_type == "Shape")
     assert shape.attributes["end"].as_int() == 1  # the batch dimension is still read at run time
+
+
+def test_a_literal_zero_that_allowzero_makes_a_size_is_not_taken_for_a_copy() -> None:
+    text = """
+        g (float[N,2,0] x) => (float[N,0] y) {
+            batch = Shape <end = 1> (x)
+            zero = Constant <value_ints = [0]> ()
+            shape = Concat <axis = 0> (batch, zero)
+            y = Reshape <allowzero = 1> (x, shape)
+        }
+        """
+    # [N, 0] with allowzero is N x 0; as a copy, [0, 0] would be N x 2
+    model, _ = check_fold(text, [{"x": np.zeros((3, 2, 0), np.float32)}])
+    assert "Shape" in op_counts(model)
 
 
 def test_gather_from_a_reshaped_shape_value_is_not_taken_for_a_dimension() -> None:
@@ -818,7 +852,9 @@ def test_exporter_dynamic_batch_model_still_right(seed_cnn_model: ir.Model) -> N
     model = seed_cnn_model.clone()
     fold(model)
     assert_valid(model)
-    assert "Shape" in op_counts(model)  # the batch size is read at run time
+    assert not set(op_counts(model)) & SHAPE_CHAIN_OPS  # the flatten copies the batch dimension
+    (reshape,) = (n for n in model.graph if n.op_type == "Reshape")
+    np.testing.assert_array_equal(reshape.inputs[1].const_value.numpy(), [0, 400])
     for batch in (1, 3):
         inputs = make_inputs(original, batch=batch)
         assert_close(run(original, inputs), run(model, inputs), TOLERANCE)
