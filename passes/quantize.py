@@ -20,7 +20,7 @@ onnxforge's own steps, each in :mod:`onnxforge.passes.quantization`:
   run faster around integer MatMuls; in static mode, a CNN head flattened channels-last with
   its weight permuted (ONNX Runtime's integer convolutions run channels-last). So the pass
   works after ``fuse`` as well as before;
-- *layout* after the quantizer (static QDQ, ``layout``): a convolution left float that feeds a
+- *layout* after the quantizer (static mode, ``layout``): a convolution left float that feeds a
   quantized one hands its output over channels-last, so that ONNX Runtime writes it in that
   layout directly instead of transposing the uint8 tensor (exact: only the layout changes);
 - *SmoothQuant* (``smooth=alpha``, needs data): per-channel activation outliers moved into the
@@ -363,7 +363,7 @@ class QuantizePass(FunctionalPass):
         counts = prepare.quantized_ops(quantized)
         if not counts:
             return self._no_op(model, "no-op", "ONNX Runtime's quantizer quantized no node")
-        if settings.mode == "static" and settings.format == "qdq":  # exact: layout only
+        if settings.mode == "static":  # exact: only the layout changes
             report.hand_over = layout.hand_over_channels_last(quantized)
         report.quantized = _quantized_by_op(working, result.quantized - set(result.kept))
         report.candidates = len(candidates)
