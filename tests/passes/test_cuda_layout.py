@@ -261,6 +261,42 @@ def test_spatial_means_become_a_matmul(header, mean, keep) -> None:
     np.testing.assert_allclose(after[0], before[0], rtol=1e-5, atol=1e-6)
 
 
+def head_model() -> ir.Model:
+    """Conv -> Relu -> ReduceMean(H, W) -> Flatten -> Gemm, made float16 by ``fp16``."""
+    model = build(
+        f"""
+        g (float[N,3,6,6] x) => (float[N,5] y)
+          {weights(w=normal(8, 3, 3, 3), g=normal(5, 8, seed=1), axes=np.array([2, 3], np.int64))}
+        {{
+            c = Conv<pads: ints = [1, 1, 1, 1]>(x, w)
+            r = Relu(c)
+            m = ReduceMean(r, axes)
+            f = Flatten(m)
+            y = Gemm<transB: int = 1>(f, g)
+        }}
+        """
+    )
+    assert Float16Pass(target="cuda")(model).modified
+    return model
+
+
+@pytest.mark.parametrize("cast_back", [True, False])
+def test_a_float16_head_takes_its_mean_in_float16(cast_back: bool) -> None:
+    # fp16 keeps the mean float32: Cast -> mean -> [Flatten -> Cast back ->] Gemm. The mean
+    # moves onto the float16 data; with a Cast back after it, both Casts go.
+    model = head_model() if cast_back else stem_model(size=8)
+    assert op_counts(model)["Cast"] == (4 if cast_back else 2)
+    inputs = inputs_for(model)
+    before = run(model, inputs)
+    assert layout(model, stems=False, relu_after_pool=False) is True
+    assert_valid(model)
+    (matmul,) = [n for n in model.graph if n.op_type == "MatMul"]
+    assert matmul.inputs[0].dtype == FLOAT16
+    # left: the input's and the output's Casts (the stem model's output is the mean itself)
+    assert op_counts(model)["Cast"] == 2
+    assert compare_outputs(before, run(model, inputs)).rel_l2 < REASSOCIATION_BUDGET
+
+
 @pytest.mark.parametrize(
     "text",
     [
