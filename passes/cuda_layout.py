@@ -40,7 +40,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxforge.passes.base import Pass, PassResult, Semantics
-from onnxforge.passes.fusion_rules._values import constant_array, new_initializer
+from onnxforge.passes.fusion_rules._values import constant_array, new_initializer, only_reader
 from onnxforge.passes.registry import register
 from onnxforge.passes.statistics import ONNX_DOMAINS, inferred_copy_values
 
@@ -92,10 +92,6 @@ class _Dims:
 def _ints(node: ir.Node, name: str, default: list[int]) -> list[int]:
     attribute = node.attributes.get(name)
     return list(attribute.as_ints()) if attribute is not None else default
-
-
-def _single_use(value: ir.Value) -> bool:
-    return len(value.uses()) == 1 and not value.is_graph_output()
 
 
 def _take_over(old: ir.Value, new: ir.Value, suffix: str) -> None:
@@ -285,7 +281,7 @@ def _relu_after_max_pool(graph: ir.Graph) -> int:
         relu = pool.inputs[0].producer() if pool.inputs[0] is not None else None
         if relu is None or relu.op_type != "Relu" or relu.domain not in ONNX_DOMAINS:
             continue
-        if not _single_use(relu.outputs[0]):
+        if only_reader(relu.outputs[0]) is not pool:
             continue
         if not _max_pool_keeps_relu(pool):
             continue
@@ -331,37 +327,32 @@ def _cast_to(node: ir.Node | None, dtype: ir.DataType) -> bool:
 def _float16_source(x: ir.Value, dims_of: _Dims) -> ir.Value | None:
     """``x16`` when ``x = Cast(x16, float32)`` is read only here, x16 float16 (fp16's head)."""
     producer = x.producer()
-    if not _cast_to(producer, ir.DataType.FLOAT) or not _single_use(x):
+    if not _cast_to(producer, ir.DataType.FLOAT) or only_reader(x) is None:
         return None
     source = producer.inputs[0]
     return source if source is not None and dims_of.dtype(source) == FLOAT16 else None
 
 
-def _drop_cast_back(graph: ir.Graph, widen: ir.Node) -> bool:
-    """Remove ``widen`` (float16 to float32) and the Cast back to float16 after it.
+def _drop_cast_back(graph: ir.Graph, widen: ir.Node) -> None:
+    """Remove ``widen`` (float16 to float32) and the Cast back to float16 after it, if any.
 
     Only shape-only ops may stand between the two; they then carry float16. Exact: the data
     was float16 all along.
     """
-    chain, current = [], widen.outputs[0]
-    while _single_use(current):
-        reader = next(iter(current.uses())).node
-        if _cast_to(reader, FLOAT16):
-            break
+    chain, reader = [], only_reader(widen.outputs[0])
+    while reader is not None and not _cast_to(reader, FLOAT16):
         if reader.op_type not in _SHAPE_ONLY_OPS or reader.domain not in ONNX_DOMAINS:
-            return False
+            return
         chain.append(reader)
-        current = reader.outputs[0]
-    else:
-        return False
-    back = next(iter(current.uses())).node
+        reader = only_reader(reader.outputs[0])
+    if reader is None:
+        return
     value = widen.inputs[0]
     for node in chain:
         node.outputs[0].type = ir.TensorType(FLOAT16)
     ir.convenience.replace_all_uses_with(widen.outputs[0], value)
-    _take_over(back.outputs[0], chain[-1].outputs[0] if chain else value, "float16")
-    graph.remove([back, widen], safe=True)
-    return True
+    _take_over(reader.outputs[0], chain[-1].outputs[0] if chain else value, "float16")
+    graph.remove([reader, widen], safe=True)
 
 
 def _means_as_matmul(graph: ir.Graph, dims_of: _Dims) -> int:

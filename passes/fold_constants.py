@@ -52,7 +52,6 @@ computed by numpy, not by ONNX Runtime's kernels, and may differ in the last bit
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 from collections.abc import Iterable
@@ -66,7 +65,7 @@ from onnxscript.optimizer import _constant_folding
 from onnxforge.errors import first_line
 from onnxforge.passes.base import Pass, PassResult, Semantics
 from onnxforge.passes.cleanup import NON_DETERMINISTIC_OPS
-from onnxforge.passes.fusion_rules._values import new_initializer
+from onnxforge.passes.fusion_rules._values import new_initializer, unique_value_name, value_names
 from onnxforge.passes.registry import register
 from onnxforge.passes.statistics import ONNX_DOMAINS, has_subgraphs, iter_graphs
 
@@ -333,6 +332,7 @@ def _fold_symbolic_reshape_targets(model: ir.Model, shape_values: dict[ir.Value,
     """
     count = 0
     for graph in model.graphs():  # not function bodies: the target becomes an initializer
+        taken = value_names(graph)
         for node in list(graph):
             if node.op_type != "Reshape" or node.domain not in ONNX_DOMAINS:
                 continue
@@ -341,15 +341,7 @@ def _fold_symbolic_reshape_targets(model: ir.Model, shape_values: dict[ir.Value,
             dims = _reshape_target(node, shape_values.get(node.inputs[1]))  # type: ignore[arg-type]
             if dims is None:
                 continue
-            taken = {v.name for n in graph for v in n.outputs} | {v.name for v in graph.inputs}
-            base = f"{node.inputs[1].name or node.name}_folded"
-            name = next(
-                candidate
-                for candidate in itertools.chain(
-                    [base], (f"{base}_{i}" for i in itertools.count(1))
-                )
-                if candidate not in taken
-            )
+            name = unique_value_name(graph, f"{node.inputs[1].name or node.name}_folded", taken)
             node.replace_input_with(1, new_initializer(graph, name, dims))
             node.attributes.pop("allowzero", None)
             count += 1

@@ -16,6 +16,10 @@ __all__ = [
     "describe",
     "unique_initializer_name",
     "new_initializer",
+    "constant_float32",
+    "only_reader",
+    "value_names",
+    "unique_value_name",
 ]
 
 # The float types that the fused ops take.
@@ -39,6 +43,25 @@ def constant_array(value: ir.Value | None) -> np.ndarray | None:
     if value is None or value.const_value is None or value.is_graph_input():
         return None
     return value.const_value.numpy()
+
+
+def constant_float32(value: ir.Value | None, rank: int) -> ir.TensorProtocol | None:
+    """The value's tensor when it is a float32 constant of ``rank`` dims, else None.
+
+    An initializer that is also a graph input can be overridden at run time: not a constant.
+    """
+    if value is None or value.const_value is None or value.is_graph_input():
+        return None
+    tensor = value.const_value
+    return tensor if tensor.dtype == ir.DataType.FLOAT and len(tensor.shape) == rank else None
+
+
+def only_reader(value: ir.Value) -> ir.Node | None:
+    """The one node that reads ``value``, when nothing else does (a graph output counts)."""
+    uses = list(value.uses())
+    if len(uses) != 1 or value.is_graph_output():
+        return None
+    return uses[0].node
 
 
 def known_dims(value: ir.Value | None) -> tuple[int | str, ...] | None:
@@ -83,3 +106,22 @@ def new_initializer(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
     )
     graph.register_initializer(value)
     return value
+
+
+def value_names(graph: ir.Graph) -> set[str]:
+    """Every value name the graph uses: inputs, initializers and node outputs."""
+    names = {v.name for v in graph.inputs if v.name} | set(graph.initializers)
+    return names | {v.name for node in graph for v in node.outputs if v.name}
+
+
+def unique_value_name(graph: ir.Graph, base: str, taken: set[str]) -> str:
+    """A value name made from ``base`` that neither ``taken`` nor an initializer holds.
+
+    ``base``, else ``base_1``, ``base_2``, ...; the name is added to ``taken``.
+    """
+    name, index = base, 0
+    while name in taken or name in graph.initializers:
+        index += 1
+        name = f"{base}_{index}"
+    taken.add(name)
+    return name

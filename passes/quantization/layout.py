@@ -35,7 +35,14 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from onnxforge.passes.fusion_rules._values import ONNX_DOMAINS, new_initializer
+from onnxforge.passes.fusion_rules._values import (
+    ONNX_DOMAINS,
+    constant_float32,
+    new_initializer,
+    only_reader,
+    unique_value_name,
+    value_names,
+)
 
 __all__ = ["hand_over_channels_last"]
 
@@ -45,29 +52,20 @@ __all__ = ["hand_over_channels_last"]
 _NCHWC_BLOCK = 16
 
 
-def _only_use(value: ir.Value) -> ir.Node | None:
-    uses = list(value.uses())
-    if len(uses) != 1 or value.is_graph_output():
-        return None
-    return uses[0].node
-
-
 def _float_conv(value: ir.Value) -> ir.Node | None:
     """The float 2-D Conv that computes ``value`` (maybe through a Relu), if it runs NCHWc."""
     node = value.producer()
     if node is not None and node.op_type == "Relu" and node.domain in ONNX_DOMAINS:
         inner = node.inputs[0]
-        if inner is None or _only_use(inner) is not node:
+        if inner is None or only_reader(inner) is not node:
             return None
         node = inner.producer()
     if node is None or node.op_type != "Conv" or node.domain not in ONNX_DOMAINS:
         return None
-    weight = node.inputs[1]
-    if weight is None or weight.const_value is None or weight.is_graph_input():
+    weight = constant_float32(node.inputs[1], 4)
+    if weight is None:
         return None
-    if weight.const_value.dtype != ir.DataType.FLOAT or len(weight.const_value.shape) != 4:
-        return None
-    out_channels, in_channels = weight.const_value.shape[:2]
+    out_channels, in_channels = weight.shape[:2]
     if node.attributes.get_int("group", 1) != 1 or out_channels % _NCHWC_BLOCK:
         return None
     if in_channels >= 8 and in_channels % _NCHWC_BLOCK:
@@ -99,7 +97,7 @@ def _hand_over(quantize: ir.Node) -> tuple[ir.Node, ir.Node, list[int]] | None:
     itself when QLinearConvs read it (QOperator).
     """
     y = quantize.inputs[0]
-    if y is None or _only_use(y) is not quantize or not _per_tensor(quantize):
+    if y is None or only_reader(y) is not quantize or not _per_tensor(quantize):
         return None
     if y.shape is None or len(y.shape) != 4:
         return None
@@ -110,7 +108,7 @@ def _hand_over(quantize: ir.Node) -> tuple[ir.Node, ir.Node, list[int]] | None:
     if conv is None:
         return None
     last = quantize
-    reader = _only_use(quantize.outputs[0])
+    reader = only_reader(quantize.outputs[0])
     if reader is not None and reader.op_type == "DequantizeLinear":
         if not _per_tensor(reader):
             return None
@@ -120,15 +118,6 @@ def _hand_over(quantize: ir.Node) -> tuple[ir.Node, ir.Node, list[int]] | None:
     if out.is_graph_output() or not uses or not all(_is_quantized_conv_input(u) for u in uses):
         return None
     return conv, last, dims
-
-
-def _fresh_name(names: set[str], base: str) -> str:
-    name, index = base, 0
-    while name in names:
-        index += 1
-        name = f"{base}_{index}"
-    names.add(name)
-    return name
 
 
 def hand_over_channels_last(model: ir.Model) -> list[str]:
@@ -141,8 +130,7 @@ def hand_over_channels_last(model: ir.Model) -> list[str]:
     or QLinearConvs), and C, H, W known.
     """
     graph = model.graph
-    names = {v.name for v in graph.inputs} | set(graph.initializers)
-    names |= {v.name for node in graph for v in node.outputs}
+    names = value_names(graph)
     rewritten: list[str] = []
     for quantize in list(graph):
         if quantize.op_type != "QuantizeLinear" or quantize.domain not in ONNX_DOMAINS:
@@ -153,31 +141,27 @@ def hand_over_channels_last(model: ir.Model) -> list[str]:
         conv, last, (channels, height, width) = found
         y, d = quantize.inputs[0], last.outputs[0]
         readers = list(d.uses())
-        base = str(y.name)
         batch = y.shape[0]
         transpose = ir.node("Transpose", [y], attributes={"perm": [0, 2, 3, 1]})
         flatten = ir.node("Flatten", [transpose.outputs[0]], attributes={"axis": 3})
-        for node, suffix, shape in (
-            (transpose, "channels_last", [batch, height, width, channels]),
-            (flatten, "channels_last_rows", [None, channels]),
+        target = new_initializer(
+            graph, f"{y.name}_nhwc_shape", np.array([-1, height, width, channels], np.int64)
+        )
+        reshape = ir.node("Reshape", [d, target])
+        back = ir.node("Transpose", [reshape.outputs[0]], attributes={"perm": [0, 3, 1, 2]})
+        for node, like, suffix, shape in (
+            (transpose, y, "channels_last", [batch, height, width, channels]),
+            (flatten, y, "channels_last_rows", [None, channels]),
+            (reshape, d, "nhwc", [batch, height, width, channels]),  # uint8 in QOperator form
+            (back, d, "nchw", [batch, channels, height, width]),
         ):
-            node.name = node.outputs[0].name = _fresh_name(names, f"{base}_{suffix}")
-            node.outputs[0].type, node.outputs[0].shape = y.type, ir.Shape(shape)
+            name = unique_value_name(graph, f"{like.name}_{suffix}", names)
+            node.name = node.outputs[0].name = name
+            node.outputs[0].type, node.outputs[0].shape = like.type, ir.Shape(shape)
         graph.insert_before(quantize, [transpose, flatten])
         quantize.replace_input_with(0, flatten.outputs[0])
         for value in {quantize.outputs[0], d}:
             value.shape = ir.Shape([None, channels])
-        target = new_initializer(
-            graph, f"{base}_nhwc_shape", np.array([-1, height, width, channels], dtype=np.int64)
-        )
-        reshape = ir.node("Reshape", [d, target])
-        back = ir.node("Transpose", [reshape.outputs[0]], attributes={"perm": [0, 3, 1, 2]})
-        for node, suffix, shape in (
-            (reshape, "nhwc", [batch, height, width, channels]),
-            (back, "nchw", [batch, channels, height, width]),
-        ):
-            node.name = node.outputs[0].name = _fresh_name(names, f"{d.name}_{suffix}")
-            node.outputs[0].type, node.outputs[0].shape = d.type, ir.Shape(shape)
         graph.insert_after(last, [reshape, back])
         for use in readers:
             use.node.replace_input_with(use.idx, back.outputs[0])

@@ -30,6 +30,12 @@ from collections.abc import Collection, Mapping
 import numpy as np
 import onnx_ir as ir
 
+from onnxforge.passes.fusion_rules._values import (
+    constant_float32,
+    unique_value_name,
+    value_names,
+)
+
 __all__ = [
     "SmoothGroup",
     "smoothing_groups",
@@ -76,9 +82,7 @@ def _weight_axis(node: ir.Node) -> tuple[ir.Value, int] | None:
     if len(node.inputs) < 2:
         return None
     weight = node.inputs[1]
-    if weight is None or weight.const_value is None or weight.is_graph_input():
-        return None
-    if weight.const_value.dtype != ir.DataType.FLOAT or len(weight.const_value.shape) != 2:
+    if constant_float32(weight, 2) is None:
         return None
     if node.op_type == "Gemm":
         if node.attributes.get_int("transA", 0):
@@ -130,15 +134,6 @@ def _scales(group: SmoothGroup, activation_range: np.ndarray, alpha: float) -> n
     return (a**alpha / w ** (1.0 - alpha)).astype(np.float32)
 
 
-def _unique_name(graph: ir.Graph, base: str, taken: set[str]) -> str:
-    name, index = base, 0
-    while name in taken or name in graph.initializers:
-        index += 1
-        name = f"{base}_{index}"
-    taken.add(name)
-    return name
-
-
 def has_outliers(activation_range: np.ndarray, ratio: float = OUTLIER_RATIO) -> bool:
     """Whether the largest channel range is at least ``ratio`` times the median one."""
     ranges = np.maximum(np.asarray(activation_range, np.float64), MIN_RANGE)
@@ -155,7 +150,7 @@ def smooth(
 ) -> list[str]:
     """Apply SmoothQuant to each group whose range has outliers; returns those activations."""
     graph = model.graph
-    taken = {v.name for n in graph for v in n.outputs if v.name}
+    taken = value_names(graph)
     order = {node: index for index, node in enumerate(graph)}
     done = []
     for group in groups:
@@ -167,14 +162,14 @@ def smooth(
         scales = _scales(group, activation_range, alpha)
         name = str(group.activation.name)
         inverse = ir.Value(
-            name=_unique_name(graph, f"{name}_smooth_scale", taken),
+            name=unique_value_name(graph, f"{name}_smooth_scale", taken),
             const_value=ir.tensor((1.0 / scales).astype(np.float32)),
         )
         inverse.type = ir.TensorType(ir.DataType.FLOAT)
         inverse.shape = ir.Shape([group.channels])
         graph.register_initializer(inverse)
         mul = ir.node("Mul", [group.activation, inverse], name=f"{name}_smooth")
-        mul.outputs[0].name = _unique_name(graph, f"{name}_smoothed", taken)
+        mul.outputs[0].name = unique_value_name(graph, f"{name}_smoothed", taken)
         mul.outputs[0].type = group.activation.type
         mul.outputs[0].shape = group.activation.shape
         first = min(group.nodes, key=order.__getitem__)
