@@ -5,7 +5,13 @@ from __future__ import annotations
 from onnxforge.backend.benchmark import Stats, benchmark
 from onnxforge.backend.inputs import InputSpec, input_specs, load_inputs, make_inputs
 from onnxforge.backend.numerics import OutputComparison, compare_outputs
-from onnxforge.backend.serving import DynamicBatcher, LoadTestResult, ServingStats, load_test
+from onnxforge.backend.serving import (
+    DynamicBatcher,
+    LoadTestResult,
+    ServingStats,
+    instances,
+    load_test,
+)
 from onnxforge.backend.session import BoundRun, Session, available_eps
 
 __all__ = [
@@ -24,4 +30,5 @@ __all__ = [
     "ServingStats",
     "LoadTestResult",
     "load_test",
+    "instances",
 ]

@@ -14,6 +14,12 @@ Unbatched serving is the same server with ``max_batch=1`` and one worker thread 
 so the two differ only in batching. For reference the load test also measures ``direct``
 calls: each client thread calling the session itself, with no server in between, which is the
 floor of per-request overhead that no server reaches.
+
+The server may hold several *instances* of the model (sessions, each with its own threads;
+Triton's instance groups): each batching worker owns one instance and runs one batch at a
+time on it, so on a CPU two one-thread instances run two batches side by side instead of
+splitting each operator of one batch over two threads. Unbatched workers and direct clients
+are spread over the same instances.
 """
 
 from __future__ import annotations
@@ -21,12 +27,14 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import onnx_ir as ir
 
 from onnxforge.backend.benchmark import summarize
 from onnxforge.backend.session import Session
@@ -40,10 +48,12 @@ __all__ = [
     "direct_load",
     "split_rows",
     "load_test",
+    "instances",
     "DEFAULT_CONCURRENCY",
     "DEFAULT_MAX_BATCH",
     "DEFAULT_BATCH_TIMEOUT_MS",
     "DEFAULT_REQUESTS_PER_CLIENT",
+    "default_max_batch",
 ]
 
 DEFAULT_CONCURRENCY = 16
@@ -60,37 +70,59 @@ def _rows_of(request: Request) -> int:
     return len(next(iter(request.values())))
 
 
-class DynamicBatcher:
-    """Coalesce requests into batches of at most ``max_batch`` rows, run on a worker thread.
+def default_max_batch(concurrency: int, instances: int = 1) -> int:
+    """The largest batch worth waiting for: each instance's share of the clients, at most 16.
 
-    Create and use it inside a running event loop: ``await batcher.infer(request)`` returns
-    the request's outputs (each keeping its batch axis). ``close()`` stops it.
+    A closed loop of ``concurrency`` clients never has more requests outstanding, and with
+    several instances a batch that took them all would leave the other instances idle.
+    """
+    return max(1, min(DEFAULT_MAX_BATCH, -(-concurrency // max(1, instances))))
+
+
+def _per_worker(run: RunBatch | Sequence[RunBatch], workers: int | None) -> list[RunBatch]:
+    """``workers`` run callables: one callable for all, or a list (instances) dealt in turn."""
+    runs = [run] if callable(run) else list(run)
+    if not runs:
+        raise InputError("serving needs at least one model instance")
+    count = len(runs) if workers is None else workers
+    if count < 1:
+        raise InputError(f"workers must be at least 1, got {count}")
+    return [runs[i % len(runs)] for i in range(count)]
+
+
+class DynamicBatcher:
+    """Coalesce requests into batches of at most ``max_batch`` rows, run on worker threads.
+
+    ``run`` is one callable, or one per model instance; ``workers`` (default: one per
+    callable) are dealt the callables in turn, and a worker runs one batch at a time. Create
+    and use it inside a running event loop: ``await batcher.infer(request)`` returns the
+    request's outputs (each keeping its batch axis). ``close()`` stops it.
     """
 
     def __init__(
         self,
-        run: RunBatch,
+        run: RunBatch | Sequence[RunBatch],
         *,
         max_batch: int = DEFAULT_MAX_BATCH,
         batch_timeout_ms: float = DEFAULT_BATCH_TIMEOUT_MS,
-        workers: int = 1,
+        workers: int | None = None,
     ) -> None:
-        if workers < 1:
-            raise InputError(f"workers must be at least 1, got {workers}")
+        self._runs = _per_worker(run, workers)
         if max_batch < 1:
             raise InputError(f"max_batch must be at least 1, got {max_batch}")
         if batch_timeout_ms < 0:
             raise InputError(f"batch_timeout_ms must not be negative, got {batch_timeout_ms}")
-        self._run = run
         self.max_batch = max_batch
         self.timeout_s = batch_timeout_ms / 1000.0
         self.batch_sizes: list[int] = []
         self._waiting: list[tuple[Request, asyncio.Future, float]] = []
         self._arrived = asyncio.Event()
         self._worker = concurrent.futures.ThreadPoolExecutor(
-            workers, thread_name_prefix="onnxforge"
+            len(self._runs), thread_name_prefix="onnxforge"
         )
-        self._free = asyncio.Semaphore(workers)
+        self._free: asyncio.Queue[int] = asyncio.Queue()  # idle workers, by index
+        for index in range(len(self._runs)):
+            self._free.put_nowait(index)
         self._running: set[asyncio.Task] = set()
         self._task = asyncio.get_running_loop().create_task(self._serve())
 
@@ -126,25 +158,27 @@ class DynamicBatcher:
 
     async def _serve(self) -> None:
         while True:
-            await self._free.acquire()  # requests keep queueing while every worker is busy
+            worker = await self._free.get()  # requests keep queueing while every worker is busy
             batch = await self._next_batch()
-            task = asyncio.get_running_loop().create_task(self._run_batch(batch))
+            task = asyncio.get_running_loop().create_task(self._run_batch(worker, batch))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
 
-    async def _run_batch(self, batch: list[tuple[Request, asyncio.Future, float]]) -> None:
+    async def _run_batch(
+        self, worker: int, batch: list[tuple[Request, asyncio.Future, float]]
+    ) -> None:
         loop = asyncio.get_running_loop()
         requests = [request for request, _, _ in batch]
         feed = {name: np.concatenate([r[name] for r in requests]) for name in requests[0]}
         try:
-            outputs = await loop.run_in_executor(self._worker, self._run, feed)
+            outputs = await loop.run_in_executor(self._worker, self._runs[worker], feed)
         except Exception as error:  # every waiting client hears about it
             for _, future, _ in batch:
                 if not future.done():
                     future.set_exception(error)
             return
         finally:
-            self._free.release()
+            self._free.put_nowait(worker)
         self.batch_sizes.append(_rows_of(feed))
         offset = 0
         for request, future, _ in batch:
@@ -191,6 +225,7 @@ class LoadTestResult:
     unbatched: ServingStats
     batched: ServingStats
     direct: ServingStats
+    instances: int = 1
 
     @property
     def speedup(self) -> float:
@@ -203,6 +238,7 @@ class LoadTestResult:
             "concurrency": self.concurrency,
             "max_batch": self.max_batch,
             "batch_timeout_ms": self.batch_timeout_ms,
+            "instances": self.instances,
             "unbatched": self.unbatched.as_dict(),
             "batched": self.batched.as_dict(),
             "direct": self.direct.as_dict(),
@@ -217,18 +253,19 @@ def split_rows(pool: Mapping[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
 
 
 def serve_load(
-    run: RunBatch,
+    run: RunBatch | Sequence[RunBatch],
     requests: Sequence[Request],
     *,
     concurrency: int = DEFAULT_CONCURRENCY,
     max_batch: int = DEFAULT_MAX_BATCH,
     batch_timeout_ms: float = DEFAULT_BATCH_TIMEOUT_MS,
     requests_per_client: int = DEFAULT_REQUESTS_PER_CLIENT,
-    workers: int = 1,
+    workers: int | None = None,
 ) -> ServingStats:
     """Serve ``requests`` (cycled) to ``concurrency`` closed-loop clients through a batcher.
 
-    ``workers`` inference threads run batches side by side.
+    ``run`` is one callable or one per model instance; ``workers`` inference threads (default:
+    one per callable) run batches side by side.
     """
     if concurrency < 1 or requests_per_client < 1:
         raise InputError("concurrency and requests per client must be at least 1")
@@ -263,13 +300,17 @@ def serve_load(
 
 
 def direct_load(
-    run: RunBatch,
+    run: RunBatch | Sequence[RunBatch],
     requests: Sequence[Request],
     *,
     concurrency: int = DEFAULT_CONCURRENCY,
     requests_per_client: int = DEFAULT_REQUESTS_PER_CLIENT,
 ) -> ServingStats:
-    """``concurrency`` client threads each calling ``run`` themselves, with no server."""
+    """``concurrency`` client threads each calling ``run`` themselves, with no server.
+
+    With one callable per model instance, the clients are dealt the instances in turn.
+    """
+    runs = _per_worker(run, concurrency)
     latencies: list[list[float]] = [[] for _ in range(concurrency)]
     errors: list[BaseException] = []
     start_line = threading.Barrier(concurrency + 1)
@@ -280,7 +321,7 @@ def direct_load(
             for k in range(requests_per_client):
                 request = requests[(index * requests_per_client + k) % len(requests)]
                 begin = time.perf_counter()
-                run(request)
+                runs[index](request)
                 latencies[index].append(time.perf_counter() - begin)
         except BaseException as error:  # re-raised after the join
             errors.append(error)
@@ -301,31 +342,68 @@ def direct_load(
 
 
 def load_test(
-    session: Session,
+    session: Session | Sequence[Session],
     pool: Mapping[str, np.ndarray],
     *,
     concurrency: int = DEFAULT_CONCURRENCY,
-    max_batch: int = DEFAULT_MAX_BATCH,
+    max_batch: int | None = None,
     batch_timeout_ms: float = DEFAULT_BATCH_TIMEOUT_MS,
     requests_per_client: int = DEFAULT_REQUESTS_PER_CLIENT,
     warmup: int = 3,
 ) -> LoadTestResult:
     """Serve single-row requests from ``pool`` (rows along axis 0) at ``concurrency``.
 
-    Three ways, on the same session and requests: unbatched (``max_batch=1``, a worker per
-    client), with dynamic batching (one worker), and as direct calls.
+    Three ways, on the same sessions and requests: unbatched (``max_batch=1``, a worker per
+    client), with dynamic batching (a worker per session), and as direct calls. ``session`` is
+    one session or several instances of one model (see :func:`instances`); ``max_batch``
+    defaults to :func:`default_max_batch`.
     """
+    sessions = [session] if isinstance(session, Session) else list(session)
+    if not sessions:
+        raise InputError("the load test needs at least one session")
+    if max_batch is None:
+        max_batch = default_max_batch(concurrency, len(sessions))
     requests = split_rows(pool)
     full = {name: np.take(a, np.arange(max_batch) % len(a), axis=0) for name, a in pool.items()}
-    for _ in range(warmup):  # both batch sizes, so neither mode pays for first-run allocation
-        session.run(requests[0])
-        session.run(full)
+    for each in sessions:
+        for _ in range(warmup):  # both batch sizes: neither mode pays for first-run allocation
+            each.run(requests[0])
+            each.run(full)
+    runs = [each.run for each in sessions]
     settings = {"concurrency": concurrency, "requests_per_client": requests_per_client}
     unbatched = serve_load(
-        session.run, requests, max_batch=1, batch_timeout_ms=0.0, workers=concurrency, **settings
+        runs, requests, max_batch=1, batch_timeout_ms=0.0, workers=concurrency, **settings
     )
     batched = serve_load(
-        session.run, requests, max_batch=max_batch, batch_timeout_ms=batch_timeout_ms, **settings
+        runs, requests, max_batch=max_batch, batch_timeout_ms=batch_timeout_ms, **settings
     )
-    direct = direct_load(session.run, requests, **settings)
-    return LoadTestResult(concurrency, max_batch, batch_timeout_ms, unbatched, batched, direct)
+    direct = direct_load(runs, requests, **settings)
+    return LoadTestResult(
+        concurrency, max_batch, batch_timeout_ms, unbatched, batched, direct, len(sessions)
+    )
+
+
+def instances(
+    model_or_path: ir.Model | str | os.PathLike[str],
+    count: int,
+    *,
+    threads: int | None = None,
+    **options: Any,
+) -> list[Session]:
+    """``count`` sessions of one model, each with ``threads`` intra-op threads.
+
+    ``threads`` defaults to this process's cores divided among the instances (at least one);
+    ``options`` go to every :class:`Session` (``ep``, ``graph_optimization``, ...).
+    """
+    if count < 1:
+        raise InputError(f"instances must be at least 1, got {count}")
+    if threads is None and count > 1:
+        threads = max(1, _cores() // count)
+    return [Session(model_or_path, threads=threads, **options) for _ in range(count)]
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1

@@ -107,6 +107,7 @@ class Session:
         options = ort.SessionOptions()
         if threads is not None:
             options.intra_op_num_threads = threads
+        self.threads = threads  # intra-op threads; None: ONNX Runtime's default (all cores)
         if graph_optimization not in GRAPH_OPTIMIZATION_LEVELS:
             raise InputError(
                 f"unknown graph optimization level '{graph_optimization}'",

@@ -730,7 +730,11 @@ def bench(
     ep: Annotated[str, typer.Option(help="Execution provider: cpu, cuda or auto.")] = "cpu",
     batch: Annotated[int, typer.Option(help="Batch size of the timed runs.")] = 1,
     threads: Annotated[
-        int | None, typer.Option(help="ONNX Runtime intra-op threads (default: all cores).")
+        int | None,
+        typer.Option(
+            help="ONNX Runtime intra-op threads, per instance (default: all cores, divided "
+            "among the instances)."
+        ),
     ] = None,
     shape: Annotated[list[str] | None, typer.Option("--shape", help=_SHAPE_HELP)] = None,
     inputs: Annotated[
@@ -750,7 +754,20 @@ def bench(
             "requests, served unbatched, with dynamic batching, and directly."
         ),
     ] = None,
-    max_batch: Annotated[int, typer.Option(help="Load test: largest dynamic batch.")] = 16,
+    max_batch: Annotated[
+        int | None,
+        typer.Option(
+            help="Load test: largest dynamic batch (default: concurrency / instances, at most 16)."
+        ),
+    ] = None,
+    instances: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Load test: sessions of the model, each running one batch at a time with its "
+            "share of the cores (on a CPU, 2 one-thread instances beat one 2-thread session).",
+        ),
+    ] = 1,
     batch_timeout_ms: Annotated[
         float, typer.Option(help="Load test: longest wait of the oldest request for a batch.")
     ] = 2.0,
@@ -772,21 +789,28 @@ def bench(
     Latency mode (default): warm-up, then timed runs on inputs bound to the device, p50/p90/p99
     and throughput. Load-test mode (--concurrency N): N clients each send single requests; the
     table shows unbatched serving, dynamic batching (up to --max-batch, waiting at most
-    --batch-timeout-ms) and direct calls, with throughput in requests per second.
+    --batch-timeout-ms) and direct calls, with throughput in requests per second; with
+    --instances K the server holds K sessions and runs up to K batches side by side.
     """
-    from onnxforge.backend import Session, benchmark, load_inputs, load_test, make_inputs
-    from onnxforge.backend.serving import DEFAULT_MAX_BATCH
+    from onnxforge.backend import benchmark, load_inputs, load_test, make_inputs
+    from onnxforge.backend import instances as make_instances
+    from onnxforge.backend.serving import default_max_batch
     from onnxforge.io import load
 
     if cuda_graph and concurrency is not None:
         raise typer.BadParameter("CUDA graphs need one fixed batch: drop --concurrency")
+    if instances > 1 and concurrency is None:
+        raise typer.BadParameter("--instances is for a load test: add --concurrency N")
     dims = _parse_dims(shape)
     given = load_inputs(inputs) if inputs is not None else None
     rows: list[dict] = []
     with _progress() as progress:
         for path in models:
             model = load(path)
-            session = Session(model, ep=ep, threads=threads, cuda_graph=cuda_graph)
+            sessions = make_instances(
+                model, instances, ep=ep, threads=threads, cuda_graph=cuda_graph
+            )
+            session = sessions[0]
             task = progress.add_task(f"{path.name}", total=runs)
             if concurrency is None:
                 feed = given if given is not None else make_inputs(model, batch=batch, dims=dims)
@@ -800,13 +824,14 @@ def bench(
                 )
                 rows.append({"model": str(path), "ep": session.ep, "latency": stats.as_dict()})
             else:
-                pool_rows = max(4 * max(max_batch, DEFAULT_MAX_BATCH), concurrency)
+                largest = max_batch or default_max_batch(concurrency, instances)
+                pool_rows = max(4 * largest, concurrency)
                 pool = (
                     given if given is not None else make_inputs(model, batch=pool_rows, dims=dims)
                 )
                 progress.update(task, description=f"{path.name}: load test")
                 result = load_test(
-                    session,
+                    sessions,
                     pool,
                     concurrency=concurrency,
                     max_batch=max_batch,

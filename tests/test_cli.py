@@ -54,6 +54,7 @@ SUBCOMMAND_OPTIONS = {
         "--concurrency",
         "--max-batch",
         "--batch-timeout-ms",
+        "--instances",
         "--cuda-graph",
         "--json",
     ],
@@ -548,6 +549,35 @@ def test_bench_load_test_json_has_unbatched_and_batched(tiny_model_path, tmp_pat
         assert set(entry[mode]) >= {"throughput", "p50_ms", "p99_ms"}
         assert entry[mode]["requests"] == 20
     assert entry["concurrency"] == 4
+    assert entry["instances"] == 1 and entry["max_batch"] == 4
+
+
+def test_bench_load_test_with_instances(tiny_model_path, tmp_path):
+    result = cli(
+        "bench",
+        tiny_model_path,
+        "--concurrency",
+        "6",
+        "--instances",
+        "2",
+        "--requests",
+        "4",
+        "--json",
+        "load.json",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    (entry,) = json.loads((tmp_path / "load.json").read_text())["models"]
+    assert entry["instances"] == 2
+    assert entry["max_batch"] == 3  # each instance's share of 6 clients
+    assert entry["batched"]["requests"] == 24
+    assert entry["batched"]["mean_batch"] <= 3
+
+
+def test_bench_instances_without_a_load_test_is_a_usage_error(tiny_model_path, tmp_path):
+    result = cli("bench", tiny_model_path, "--instances", "2", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "--concurrency" in result.stderr
 
 
 def test_bench_bad_shape_is_a_usage_error(tiny_model_path, tmp_path):
