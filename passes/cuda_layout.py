@@ -106,8 +106,19 @@ def _take_over(old: ir.Value, new: ir.Value, suffix: str) -> None:
     ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
 
 
-def _typed(node: ir.Node, dtype: ir.DataType, shape: list) -> ir.Value:
-    output = node.outputs[0]
+def _insert(
+    graph: ir.Graph,
+    before: ir.Node,
+    op: str,
+    inputs: list,
+    dtype: ir.DataType,
+    shape: list,
+    **attributes,
+) -> ir.Value:
+    """A new ``op`` node inserted before ``before``; its output, typed ``dtype`` and ``shape``."""
+    created = ir.node(op, inputs, attributes=attributes)
+    graph.insert_before(before, created)
+    output = created.outputs[0]
     output.type = ir.TensorType(dtype)
     output.shape = ir.Shape(shape)
     return output
@@ -183,14 +194,10 @@ def _batch_shape(
     if batch is not None:
         shape = np.array([batch, *tail], np.int64)
         return new_initializer(graph, f"{x.name}_s2d_zeros_shape", shape)
-    shape = ir.node("Shape", [x], attributes={"start": 0, "end": 1})
+    int64 = ir.DataType.INT64
+    shape = _insert(graph, before, "Shape", [x], int64, [1], start=0, end=1)
     tail_value = new_initializer(graph, f"{x.name}_s2d_zeros_tail", np.array(tail, np.int64))
-    concat = ir.node("Concat", [shape.outputs[0], tail_value], attributes={"axis": 0})
-    for created, size in ((shape, 1), (concat, 1 + len(tail))):
-        graph.insert_before(before, created)
-        created.outputs[0].type = ir.TensorType(ir.DataType.INT64)
-        created.outputs[0].shape = ir.Shape([size])
-    return concat.outputs[0]
+    return _insert(graph, before, "Concat", [shape, tail_value], int64, [1 + len(tail)], axis=0)
 
 
 def _space_to_depth_stem(graph: ir.Graph, node: ir.Node, plan) -> None:
@@ -207,9 +214,7 @@ def _space_to_depth_stem(graph: ir.Graph, node: ir.Node, plan) -> None:
     batch = x.shape[0] if x.shape is not None else known_batch  # keeps a symbolic name
 
     def add(op: str, inputs: list, shape: list, **attributes) -> ir.Value:
-        created = ir.node(op, inputs, attributes=attributes)
-        graph.insert_before(node, created)
-        return _typed(created, FLOAT16, shape)
+        return _insert(graph, node, op, inputs, FLOAT16, shape, **attributes)
 
     blocks = new_initializer(
         graph, f"{x.name}_s2d_blocks", np.array([0, channels, half_h, 2, half_w, 2], np.int64)
@@ -384,23 +389,17 @@ def _means_as_matmul(graph: ir.Graph, dims_of: _Dims) -> int:
         batch, area = (x.shape[0] if x.shape is not None else None), height * width
         rows_shape = np.array([0, channels, area], np.int64)
         rows = new_initializer(graph, f"{x.name}_mean_rows", rows_shape)
-        flat = ir.node("Reshape", [x, rows])
-        graph.insert_before(node, flat)
-        _typed(flat, dtype, [batch, channels, area])
+        flat = _insert(graph, node, "Reshape", [x, rows], dtype, [batch, channels, area])
         scale = np.full((area, 1), 1.0 / area, dtype=dtype.numpy())
         weight = new_initializer(graph, f"{x.name}_mean", scale)
-        product = ir.node("MatMul", [flat.outputs[0], weight])
-        graph.insert_before(node, product)
-        _typed(product, dtype, [batch, channels, 1])
+        product = _insert(graph, node, "MatMul", [flat, weight], dtype, [batch, channels, 1])
         out_shape = [0, channels, 1, 1] if keep else [0, channels]
         target = new_initializer(graph, f"{x.name}_mean_shape", np.array(out_shape, np.int64))
-        result = ir.node("Reshape", [product.outputs[0], target])
-        graph.insert_before(node, result)
-        mean = _typed(result, dtype, [batch, channels, 1, 1] if keep else [batch, channels])
+        mean_shape = [batch, channels, 1, 1] if keep else [batch, channels]
+        mean = _insert(graph, node, "Reshape", [product, target], dtype, mean_shape)
         if source is not None:  # back to float32 on the small result
-            widen = ir.node("Cast", [mean], attributes={"to": ir.DataType.FLOAT.value})
-            graph.insert_before(node, widen)
-            mean = _typed(widen, ir.DataType.FLOAT, list(mean.shape))
+            float32 = ir.DataType.FLOAT
+            mean = _insert(graph, node, "Cast", [mean], float32, mean_shape, to=float32.value)
         _take_over(node.outputs[0], mean, "mean")
         graph.remove(node, safe=True)
         if source is not None:

@@ -118,6 +118,7 @@ import onnx_ir as ir
 from onnxforge.errors import InputError
 from onnxforge.passes.base import CUDA_PROVIDER_OPTIONS_KEY, Pass, PassResult, Semantics
 from onnxforge.passes.cleanup import NON_DETERMINISTIC_OPS
+from onnxforge.passes.fusion_rules._values import unique_value_name, value_names
 from onnxforge.passes.registry import register
 from onnxforge.passes.statistics import ONNX_DOMAINS, has_subgraphs, inferred_copy_values
 
@@ -606,15 +607,8 @@ class _Converter:
 
     # -- rewriting ------------------------------------------------------------------------------
 
-    def _names(self) -> set[str]:
-        return {v.name for v in _values_of(self.graph) if v.name} | set(self.graph.initializers)
-
     def _unique(self, base: str) -> str:
-        name, suffix = base, 1
-        while name in self.names:
-            name, suffix = f"{base}_{suffix}", suffix + 1
-        self.names.add(name)
-        return name
+        return unique_value_name(self.graph, base, self.names)
 
     def _rewire(self, value: ir.Value, reads, replacement: ir.Value) -> None:
         for node, index, _ in reads:
@@ -709,7 +703,7 @@ class _Converter:
 
     def run(self) -> int:
         self._decide()
-        self.names = self._names()
+        self.names = value_names(self.graph)
         changes = 0
         # types first: the Casts inserted below copy the type of the value they read
         for value, precision in self.precision.items():
