@@ -47,6 +47,7 @@ __all__ = [
     "serve_load",
     "direct_load",
     "split_rows",
+    "take_rows",
     "load_test",
     "instances",
     "DEFAULT_CONCURRENCY",
@@ -246,6 +247,11 @@ class LoadTestResult:
         }
 
 
+def take_rows(pool: Mapping[str, np.ndarray], count: int) -> dict[str, np.ndarray]:
+    """One request of ``count`` rows from ``pool``, cycling through its rows."""
+    return {name: np.take(a, np.arange(count) % len(a), axis=0) for name, a in pool.items()}
+
+
 def split_rows(pool: Mapping[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
     """Single-row requests from arrays that share their first (batch) axis."""
     count = _rows_of(pool)
@@ -364,7 +370,7 @@ def load_test(
     if max_batch is None:
         max_batch = default_max_batch(concurrency, len(sessions))
     requests = split_rows(pool)
-    full = {name: np.take(a, np.arange(max_batch) % len(a), axis=0) for name, a in pool.items()}
+    full = take_rows(pool, max_batch)
     for each in sessions:
         for _ in range(warmup):  # both batch sizes: neither mode pays for first-run allocation
             each.run(requests[0])

@@ -22,11 +22,9 @@ import argparse
 import statistics
 import sys
 
-import numpy as np
-
 import onnxforge
 from onnxforge.backend import instances, load_test
-from onnxforge.backend.serving import default_max_batch, direct_load, split_rows
+from onnxforge.backend.serving import default_max_batch, direct_load, split_rows, take_rows
 from onnxforge.samples import get_sample
 
 # A 16-token sequence, as in the issue's bar.
@@ -47,7 +45,7 @@ def _ort_alone(sessions, pool: dict, batch: int, per_client: int) -> tuple[float
     """ONNX Runtime's own best batch-1 and batch-``batch`` throughput (rows/s), no server."""
     runs = [s.run for s in sessions]
     rows = split_rows(pool)
-    full = [{k: np.take(v, np.arange(batch) % len(v), axis=0) for k, v in pool.items()}]
+    full = [take_rows(pool, batch)]
     one = direct_load(runs, rows, concurrency=len(runs), requests_per_client=per_client)
     many = direct_load(runs, full, concurrency=len(runs), requests_per_client=per_client)
     return one.throughput, many.throughput * batch

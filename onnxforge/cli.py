@@ -834,7 +834,7 @@ def bench(
                     sessions,
                     pool,
                     concurrency=concurrency,
-                    max_batch=max_batch,
+                    max_batch=largest,
                     batch_timeout_ms=batch_timeout_ms,
                     requests_per_client=requests,
                 )
